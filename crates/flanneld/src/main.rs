@@ -1,1 +1,68 @@
-fn main() {}
+//! `flanneld` binary: parses the Go-compatible command line and runs the daemon.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use flanneld::cli::{self, Command};
+use flanneld::daemon::{self, Shutdown};
+
+fn init_logging(verbosity: i64) {
+    let level = match verbosity {
+        i64::MIN..=0 => "info",
+        1..=4 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args();
+    let argv0 = args.next().unwrap_or_else(|| "flanneld".into());
+    let env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("FLANNELD_"))
+        .collect();
+    let opts = match cli::parse(args, &env) {
+        Ok(Command::Run(o)) => *o,
+        Ok(Command::Help) => {
+            eprint!("{}", cli::usage(&argv0));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{argv0}: {e}");
+            eprintln!("Run '{argv0} --help' for the list of flags.");
+            return ExitCode::from(2);
+        }
+    };
+    if opts.version {
+        eprintln!("{}", flanneld::VERSION);
+        return ExitCode::SUCCESS;
+    }
+    init_logging(opts.v);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(daemon::run(opts));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(3));
+    match result {
+        Ok(Shutdown::Signal) | Ok(Shutdown::LeaseRevoked) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

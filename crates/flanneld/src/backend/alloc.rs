@@ -1,0 +1,55 @@
+//! `alloc`: lease a subnet and nothing else (an external system does the data plane).
+
+use async_trait::async_trait;
+use flannel_types::LeaseAttrs;
+
+use super::{Backend, BackendContext, BackendError, Network};
+use crate::lease::{Lease, LeaseEvent};
+
+/// The alloc backend.
+pub struct AllocBackend;
+
+impl AllocBackend {
+    /// Registry constructor.
+    pub fn create(_ctx: &BackendContext) -> Result<Box<dyn Backend>, BackendError> {
+        Ok(Box::new(AllocBackend))
+    }
+}
+
+struct AllocNetwork {
+    lease: Lease,
+    mtu: u32,
+}
+
+#[async_trait]
+impl Backend for AllocBackend {
+    async fn register_network(
+        &self,
+        ctx: &BackendContext,
+    ) -> Result<Box<dyn Network>, BackendError> {
+        let ip = ctx.ext.ext_addr.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+        let attrs = LeaseAttrs::public_only(ip);
+        let lease = ctx.store.acquire_lease(&ctx.config, &attrs).await?;
+        Ok(Box::new(AllocNetwork {
+            lease,
+            mtu: ctx.ext.mtu,
+        }))
+    }
+}
+
+#[async_trait]
+impl Network for AllocNetwork {
+    fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    async fn handle_events(&mut self, batch: Vec<LeaseEvent>) {
+        for e in batch {
+            tracing::debug!("alloc backend ignores {:?} {}", std::mem::discriminant(&e), e.lease().key);
+        }
+    }
+}

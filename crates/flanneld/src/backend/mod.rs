@@ -1,0 +1,77 @@
+//! Backends: how packets reach other hosts' subnets.
+//!
+//! A backend sets up its devices, acquires the lease with its own attributes, then only ever
+//! handles batches of lease events. Adding a backend = one module + one line in [`lookup`].
+
+pub mod alloc;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use flannel_types::NetworkConfig;
+
+use crate::iface::ExternalInterface;
+use crate::lease::{Lease, LeaseEvent};
+use crate::store::{StoreError, SubnetStore};
+
+/// A backend failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// `Backend.Type` names no known backend.
+    #[error("unknown backend type: {0}")]
+    UnknownType(String),
+    /// The backend's options are invalid.
+    #[error("{0}")]
+    Config(#[from] flannel_types::ConfigError),
+    /// The lease could not be acquired.
+    #[error("failed to acquire lease: {0}")]
+    Lease(#[from] StoreError),
+    /// Anything else, with context.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What a backend gets to work with.
+pub struct BackendContext {
+    /// Where leases live.
+    pub store: Arc<dyn SubnetStore>,
+    /// The chosen external interface.
+    pub ext: ExternalInterface,
+    /// The validated network config.
+    pub config: NetworkConfig,
+}
+
+/// A backend type, ready to register its network.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Creates devices as needed and acquires this host's lease.
+    async fn register_network(
+        &self,
+        ctx: &BackendContext,
+    ) -> Result<Box<dyn Network>, BackendError>;
+}
+
+/// A registered network: the lease plus whatever keeps the data plane in sync.
+#[async_trait]
+pub trait Network: Send {
+    /// This host's lease.
+    fn lease(&self) -> &Lease;
+
+    /// The MTU pods must use (written to subnet.env).
+    fn mtu(&self) -> u32;
+
+    /// Brings the data plane in line with a batch of remote lease changes. Errors are logged
+    /// per lease inside; one bad peer never stops the others.
+    async fn handle_events(&mut self, batch: Vec<LeaseEvent>);
+}
+
+/// Creates a backend from the raw `Backend` config object.
+pub type Constructor = fn(&BackendContext) -> Result<Box<dyn Backend>, BackendError>;
+
+/// The registry: backend type name -> constructor.
+pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
+    match backend_type {
+        "alloc" => Ok(alloc::AllocBackend::create),
+        other => Err(BackendError::UnknownType(other.to_string())),
+    }
+}

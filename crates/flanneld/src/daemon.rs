@@ -1,0 +1,303 @@
+//! The daemon's life cycle, in the reference's start-up order: store, config, interface,
+//! backend + lease, subnet.env, lease watch, renewal; then wait for a signal or revocation.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use flannel_types::subnet_env::previous_subnets;
+use flannel_types::{NetworkConfig, SubnetEnv};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::backend::{self, BackendContext};
+use crate::cli::Options;
+use crate::health::{self, Readiness};
+use crate::iface::{self, IpStack, Selection};
+use crate::lease::{Lease, LeaseWatcher};
+use crate::netlink::Netlink;
+use crate::store::etcd::{EtcdSettings, EtcdStore};
+use crate::store::{OwnLeaseEvent, SubnetStore};
+
+/// Why the daemon stopped without an error (exit status 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// Our lease was deleted or expired.
+    LeaseRevoked,
+}
+
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+fn parse_opt<T: std::str::FromStr>(value: &str, flag: &str) -> anyhow::Result<Option<T>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("invalid {flag} value {value:?}"))
+}
+
+fn etcd_store(opts: &Options) -> EtcdStore {
+    let subnet_file = PathBuf::from(&opts.subnet_file);
+    let (prev4, prev6) = previous_subnets(&subnet_file);
+    EtcdStore::new(
+        EtcdSettings {
+            endpoints: opts
+                .etcd_endpoints
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            prefix: opts.etcd_prefix.clone(),
+            keyfile: opts.etcd_keyfile.clone(),
+            certfile: opts.etcd_certfile.clone(),
+            cafile: opts.etcd_cafile.clone(),
+            username: opts.etcd_username.clone(),
+            password: opts.etcd_password.clone(),
+        },
+        prev4,
+        prev6,
+    )
+}
+
+/// Fetches the network config, retrying every second (the reference waits forever).
+async fn wait_for_config(store: &dyn SubnetStore) -> NetworkConfig {
+    loop {
+        match store.network_config().await {
+            Ok(c) => {
+                tracing::info!("Found network config - Backend type: {}", c.backend_type);
+                return c;
+            }
+            Err(e) => {
+                tracing::error!("Couldn't fetch network config: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+fn check_br_netfilter(config: &NetworkConfig) -> anyhow::Result<()> {
+    if config.enable_nftables {
+        return Ok(());
+    }
+    let mut needed = vec![];
+    if config.enable_ipv4 {
+        needed.push("/proc/sys/net/bridge/bridge-nf-call-iptables");
+    }
+    if config.enable_ipv6 {
+        needed.push("/proc/sys/net/bridge/bridge-nf-call-ip6tables");
+    }
+    for p in needed {
+        if std::fs::metadata(p).is_err() {
+            bail!("Failed to check br_netfilter: stat {p}: no such file or directory (load the br_netfilter module)");
+        }
+    }
+    Ok(())
+}
+
+/// Runs the daemon until a signal or lease revocation; errors are fatal start-up failures.
+pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
+    tracing::info!("CLI flags config: {}", opts.redacted());
+    if !(1..=1439).contains(&opts.subnet_lease_renew_margin) {
+        bail!("Invalid subnet-lease-renew-margin option, out of acceptable range");
+    }
+    if opts.kube_subnet_mgr {
+        bail!("--kube-subnet-mgr is not supported by this build yet; use the etcd subnet manager");
+    }
+    let public_ip: Option<Ipv4Addr> = parse_opt(&opts.public_ip, "--public-ip")?;
+    let public_ipv6: Option<Ipv6Addr> = parse_opt(&opts.public_ipv6, "--public-ipv6")?;
+    let can_reach: Option<IpAddr> = parse_opt(&opts.iface_can_reach, "--iface-can-reach")?;
+
+    let store: Arc<dyn SubnetStore> = Arc::new(etcd_store(&opts));
+    tracing::info!("Created subnet manager: {}", store.name());
+
+    let readiness = Readiness::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    if opts.healthz_port > 0 {
+        let ip: IpAddr = opts
+            .healthz_ip
+            .parse()
+            .with_context(|| format!("invalid --healthz-ip {:?}", opts.healthz_ip))?;
+        let port = u16::try_from(opts.healthz_port)
+            .with_context(|| format!("invalid --healthz-port {}", opts.healthz_port))?;
+        let addr = SocketAddr::new(ip, port);
+        let listener = health::bind(addr)
+            .await
+            .with_context(|| format!("Start healthz server error: cannot listen on {addr}"))?;
+        tracing::info!("Start healthz server on {addr}");
+        tasks.spawn(health::serve(listener, readiness.clone()));
+    }
+
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+
+    let config = tokio::select! {
+        c = wait_for_config(store.as_ref()) => c,
+        _ = &mut signal => return Ok(Shutdown::Signal),
+    };
+    if !config.enable_ipv4 && !config.enable_ipv6 {
+        bail!("none defined stack");
+    }
+    check_br_netfilter(&config)?;
+
+    let nl = Netlink::open().context("failed to open netlink")?;
+    let selection = Selection {
+        ifaces: opts.iface.clone(),
+        regexes: opts.iface_regex.clone(),
+        can_reach,
+        public_ip,
+        public_ipv6,
+    };
+    let stack = IpStack {
+        v4: config.enable_ipv4,
+        v6: config.enable_ipv6,
+    };
+    let ext = iface::select(&nl, &selection, stack)
+        .await
+        .context("Failed to find any valid interface to use")?;
+    tracing::info!(
+        "Using interface with name {} and address {:?}",
+        ext.name,
+        ext.iface_addr.map(IpAddr::V4).or(ext.iface_v6_addr.map(IpAddr::V6))
+    );
+    tracing::info!("Defaulting external address to interface address ({:?})", ext.ext_addr);
+
+    let ctx = BackendContext {
+        store: store.clone(),
+        ext,
+        config: config.clone(),
+    };
+    let constructor = backend::lookup(&config.backend_type).context("Error fetching backend")?;
+    let be = constructor(&ctx).context("Error fetching backend")?;
+    let mut network = tokio::select! {
+        n = be.register_network(&ctx) => n.context("Error registering network")?,
+        _ = &mut signal => return Ok(Shutdown::Signal),
+    };
+    let lease = network.lease().clone();
+
+    if opts.ip_masq || opts.ip_blackhole_route {
+        tracing::warn!(
+            "--ip-masq / --ip-blackhole-route are accepted but traffic rules are not implemented in this build yet"
+        );
+    }
+
+    let env = SubnetEnv {
+        network: config.enable_ipv4.then_some(config.network).flatten(),
+        subnet: config.enable_ipv4.then_some(lease.key.ipv4),
+        ipv6_network: config.enable_ipv6.then_some(config.ipv6_network).flatten(),
+        ipv6_subnet: if config.enable_ipv6 {
+            lease.key.ipv6
+        } else {
+            None
+        },
+        mtu: network.mtu(),
+        ipmasq: opts.ip_masq,
+    };
+    match env.write_atomic(std::path::Path::new(&opts.subnet_file)) {
+        Ok(()) => {
+            tracing::info!("Wrote subnet file to {}", opts.subnet_file);
+            readiness.set_ready();
+            tracing::info!("flannel is ready");
+        }
+        Err(e) => tracing::warn!("Failed to write subnet file {}: {e}", opts.subnet_file),
+    }
+
+    // Lease watch -> backend.
+    tracing::info!("Running backend.");
+    let (watch_tx, mut watch_rx) = mpsc::channel(16);
+    {
+        let store = store.clone();
+        tasks.spawn(async move {
+            if let Err(e) = store.watch_leases(watch_tx).await {
+                tracing::error!("lease watch stopped: {e}");
+            }
+        });
+    }
+    let mut watcher = LeaseWatcher::new(lease.key);
+    tasks.spawn(async move {
+        while let Some(update) = watch_rx.recv().await {
+            let batch = watcher.apply(update);
+            if !batch.is_empty() {
+                network.handle_events(batch).await;
+            }
+        }
+    });
+
+    let margin = Duration::from_secs(opts.subnet_lease_renew_margin as u64 * 60);
+    let outcome = tokio::select! {
+        r = keep_lease(store.clone(), lease, margin) => r,
+        _ = &mut signal => Shutdown::Signal,
+    };
+    match outcome {
+        Shutdown::LeaseRevoked => tracing::info!("Lease has been revoked. Shutting down daemon."),
+        Shutdown::Signal => tracing::info!("shutdownHandler sent cancel signal..."),
+    }
+    tasks.abort_all();
+    tracing::info!("Exiting cleanly...");
+    Ok(outcome)
+}
+
+/// Renews the lease before it expires and watches it; returns when it is revoked.
+async fn keep_lease(store: Arc<dyn SubnetStore>, mut lease: Lease, margin: Duration) -> Shutdown {
+    let (tx, mut rx) = mpsc::channel(8);
+    let watched = lease.clone();
+    let watch_store = store.clone();
+    let _watch = tokio::spawn(async move {
+        if let Err(e) = watch_store.watch_own_lease(&watched, tx).await {
+            tracing::error!("own lease watch stopped: {e}");
+        }
+    });
+    let mut retry_at: Option<SystemTime> = None;
+    loop {
+        let due = retry_at.or_else(|| lease.expiration.map(|exp| exp - margin));
+        let wait = match due {
+            Some(t) => t
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+            None => Duration::from_secs(365 * 24 * 3600),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait), if due.is_some() => {
+                match store.renew_lease(&lease).await {
+                    Ok(l) => {
+                        tracing::info!("Lease renewed, new expiration: {:?}", l.expiration);
+                        lease = l;
+                        retry_at = None;
+                    }
+                    Err(e) => {
+                        tracing::error!("Error renewing lease (trying again in 1 min): {e}");
+                        retry_at = Some(SystemTime::now() + Duration::from_secs(60));
+                    }
+                }
+            }
+            ev = rx.recv() => match ev {
+                Some(OwnLeaseEvent::Updated(l)) => {
+                    if l.ttl_id == 0 && lease.ttl_id != 0 {
+                        tracing::info!("Own lease was turned into a reservation; no more renewals");
+                        lease.ttl_id = 0;
+                        lease.expiration = None;
+                    }
+                }
+                Some(OwnLeaseEvent::Revoked) | None => return Shutdown::LeaseRevoked,
+            }
+        }
+    }
+}

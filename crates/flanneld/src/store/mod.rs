@@ -1,0 +1,89 @@
+//! Subnet stores: where leases live (etcd, or the Kubernetes API).
+//!
+//! The daemon talks to one `SubnetStore`; each store is one module behind this trait.
+
+pub mod allocate;
+pub mod etcd;
+
+use async_trait::async_trait;
+use flannel_types::{ConfigError, LeaseAttrs, NetworkConfig};
+use tokio::sync::mpsc;
+
+use crate::lease::{Lease, StoreUpdate};
+
+/// A store failure, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No network config under the prefix.
+    #[error(
+        "flannel config not found in etcd store. Did you create your config using etcdv3 API?"
+    )]
+    ConfigNotFound,
+    /// The network config exists but is invalid.
+    #[error("{0}")]
+    BadConfig(#[from] ConfigError),
+    /// Every subnet of the configured range is leased.
+    #[error("out of subnets")]
+    OutOfSubnets,
+    /// Collisions kept happening.
+    #[error("max retries reached trying to acquire a subnet")]
+    MaxRetries,
+    /// The store could not be reached or refused the request.
+    #[error("{context}: {source}")]
+    Unavailable {
+        /// What was being done.
+        context: String,
+        /// The underlying failure.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A local file (TLS material) could not be read.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being read.
+        context: String,
+        /// The underlying failure.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What happened to this host's own lease.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OwnLeaseEvent {
+    /// The lease was written again (renewed, by us or someone else).
+    Updated(Lease),
+    /// The lease is gone: the daemon must stop.
+    Revoked,
+}
+
+/// The seam between the daemon and where leases are stored.
+#[async_trait]
+pub trait SubnetStore: Send + Sync {
+    /// A short description for logs.
+    fn name(&self) -> String;
+
+    /// Reads (and for etcd, validates) the network configuration.
+    async fn network_config(&self) -> Result<NetworkConfig, StoreError>;
+
+    /// Gets this host a lease: its existing one, its previous subnet, or a free one.
+    async fn acquire_lease(
+        &self,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+    ) -> Result<Lease, StoreError>;
+
+    /// Extends the lease before it expires; returns the lease with its new expiry.
+    async fn renew_lease(&self, lease: &Lease) -> Result<Lease, StoreError>;
+
+    /// Streams every lease: a snapshot, then events; resyncs itself after errors. Returns when
+    /// the receiver is dropped.
+    async fn watch_leases(&self, tx: mpsc::Sender<StoreUpdate>) -> Result<(), StoreError>;
+
+    /// Streams changes to this host's own lease. Returns when the receiver is dropped.
+    async fn watch_own_lease(
+        &self,
+        lease: &Lease,
+        tx: mpsc::Sender<OwnLeaseEvent>,
+    ) -> Result<(), StoreError>;
+}
