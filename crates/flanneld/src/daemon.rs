@@ -16,7 +16,7 @@ use crate::backend::{self, BackendContext};
 use crate::cli::Options;
 use crate::health::{self, Readiness};
 use crate::iface::{self, IpStack, Selection};
-use crate::lease::{Lease, LeaseWatcher};
+use crate::lease::{Lease, LeaseEvent, LeaseWatcher};
 use crate::netlink::Netlink;
 use crate::store::etcd::{EtcdSettings, EtcdStore};
 use crate::store::{OwnLeaseEvent, SubnetStore};
@@ -235,6 +235,17 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
     tasks.spawn(async move {
         while let Some(update) = watch_rx.recv().await {
             let batch = watcher.apply(update);
+            for e in &batch {
+                match e {
+                    LeaseEvent::Added(l) => tracing::info!(
+                        "lease added: {} (PublicIP {}, backend {:?})",
+                        l.key,
+                        l.attrs.public_ip,
+                        l.attrs.backend_type
+                    ),
+                    LeaseEvent::Removed(l) => tracing::info!("lease removed: {}", l.key),
+                }
+            }
             if !batch.is_empty() {
                 network.handle_events(batch).await;
             }
