@@ -10,7 +10,10 @@ fn main() -> ExitCode {
     let command = std::env::var("CNI_COMMAND").unwrap_or_default();
     let mut out = std::io::stdout();
     if command == "VERSION" {
-        let _ = writeln!(out, r#"{{"cniVersion":"1.1.0","supportedVersions":{SUPPORTED}}}"#);
+        let _ = writeln!(
+            out,
+            r#"{{"cniVersion":"1.1.0","supportedVersions":{SUPPORTED}}}"#
+        );
         return ExitCode::SUCCESS;
     }
     let _ = write!(

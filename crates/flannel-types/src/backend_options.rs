@@ -160,8 +160,7 @@ impl WireguardOptions {
             Some(_) => return Err(ConfigError("no valid Mode configured".into())),
         };
         Ok(WireguardOptions {
-            listen_port: wrap(o.int_field("ListenPort", "int", INT_MIN, INT_MAX))?
-                .unwrap_or(51820),
+            listen_port: wrap(o.int_field("ListenPort", "int", INT_MIN, INT_MAX))?.unwrap_or(51820),
             listen_port_v6: wrap(o.int_field("ListenPortV6", "int", INT_MIN, INT_MAX))?
                 .unwrap_or(51821),
             mtu: wrap(o.int_field("MTU", "int", INT_MIN, INT_MAX))?.unwrap_or(0),
@@ -199,8 +198,7 @@ impl ExtensionOptions {
             pre_startup_command: wrap(o.string_field("PreStartupCommand"))?.unwrap_or_default(),
             post_startup_command: wrap(o.string_field("PostStartupCommand"))?.unwrap_or_default(),
             subnet_add_command: wrap(o.string_field("SubnetAddCommand"))?.unwrap_or_default(),
-            subnet_remove_command: wrap(o.string_field("SubnetRemoveCommand"))?
-                .unwrap_or_default(),
+            subnet_remove_command: wrap(o.string_field("SubnetRemoveCommand"))?.unwrap_or_default(),
         })
     }
 }

@@ -227,9 +227,7 @@ impl LeaseAttrs {
         let backend_type = match get("BackendType").map(|(_, v)| v) {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
-            Some(other) => {
-                return Err(bad(format!("BackendType must be a string, got {other}")))
-            }
+            Some(other) => return Err(bad(format!("BackendType must be a string, got {other}"))),
         };
         Ok(LeaseAttrs {
             public_ip,

@@ -386,7 +386,9 @@ where
             return Ok(Command::Help);
         }
         let Some(spec) = FLAGS.iter().find(|f| f.name == name) else {
-            return Err(UsageError(format!("flag provided but not defined: -{name}")));
+            return Err(UsageError(format!(
+                "flag provided but not defined: -{name}"
+            )));
         };
         let value = match (spec.kind, inline) {
             (Kind::Bool, None) => "true".to_string(),
@@ -399,9 +401,8 @@ where
                 None => return Err(UsageError(format!("flag needs an argument: -{name}"))),
             },
         };
-        opts.set(spec.name, &value).map_err(|e| {
-            UsageError(format!("invalid value {value:?} for flag -{name}: {e}"))
-        })?;
+        opts.set(spec.name, &value)
+            .map_err(|e| UsageError(format!("invalid value {value:?} for flag -{name}: {e}")))?;
         given.push(spec.name);
     }
     for spec in FLAGS {
@@ -519,7 +520,10 @@ mod tests {
             e(&["--healthz-port=abc"]),
             "invalid value \"abc\" for flag -healthz-port: parse error"
         );
-        assert_eq!(e(&["--etcd-prefix"]), "flag needs an argument: -etcd-prefix");
+        assert_eq!(
+            e(&["--etcd-prefix"]),
+            "flag needs an argument: -etcd-prefix"
+        );
         assert_eq!(e(&["---x"]), "bad flag syntax: ---x");
     }
 

@@ -176,9 +176,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
     tracing::info!(
         "Using interface with name {} and address {:?}",
         ext.name,
-        ext.iface_addr.map(IpAddr::V4).or(ext.iface_v6_addr.map(IpAddr::V6))
+        ext.iface_addr
+            .map(IpAddr::V4)
+            .or(ext.iface_v6_addr.map(IpAddr::V6))
     );
-    tracing::info!("Defaulting external address to interface address ({:?})", ext.ext_addr);
+    tracing::info!(
+        "Defaulting external address to interface address ({:?})",
+        ext.ext_addr
+    );
 
     let ctx = BackendContext {
         store: store.clone(),

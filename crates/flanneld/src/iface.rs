@@ -127,8 +127,10 @@ fn is_link_local(ip: IpAddr) -> bool {
 
 /// Global unicast or link-local unicast, as Go's address filter accepts.
 fn usable(ip: IpAddr) -> bool {
-    !(ip.is_loopback() || ip.is_multicast() || ip.is_unspecified())
-        && !matches!(ip, IpAddr::V4(a) if a.is_broadcast())
+    !(ip.is_loopback()
+        || ip.is_multicast()
+        || ip.is_unspecified()
+        || matches!(ip, IpAddr::V4(a) if a.is_broadcast()))
 }
 
 enum Lookup<'a> {
@@ -185,16 +187,16 @@ pub async fn select(
         match lookup(nl, &snap, Lookup::CanReach(dst), sel, stack).await {
             Ok(ext) => return Ok(ext),
             Err(e) => {
-                tracing::info!(
-                    "Could not find valid interface matching ifaceCanReach: {dst}: {e}"
-                );
+                tracing::info!("Could not find valid interface matching ifaceCanReach: {dst}: {e}");
                 last_err = Some(e);
             }
         }
     }
     Err(IfaceError::NotFound(format!(
         "Failed to find interface to use that matches the interfaces and/or regexes provided{}",
-        last_err.map(|e| format!(" (last error: {e})")).unwrap_or_default()
+        last_err
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default()
     )))
 }
 
@@ -214,7 +216,9 @@ async fn lookup(
             .iter()
             .find(|l| l.name == name)
             .cloned()
-            .ok_or_else(|| not_found(format!("error looking up interface {name}: Link not found")))?,
+            .ok_or_else(|| {
+                not_found(format!("error looking up interface {name}: Link not found"))
+            })?,
         Lookup::Ip(ip) => {
             let l = snap.link_by_ip(ip).cloned().ok_or_else(|| {
                 not_found(format!(
@@ -368,7 +372,7 @@ async fn default_route_link(
     } else {
         v6.ok_or_else(no_default)?
     };
-    snap.link_by_index(index).cloned().ok_or_else(|| {
-        IfaceError::NotFound(format!("default route interface {index} not found"))
-    })
+    snap.link_by_index(index)
+        .cloned()
+        .ok_or_else(|| IfaceError::NotFound(format!("default route interface {index} not found")))
 }

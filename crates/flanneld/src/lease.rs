@@ -74,10 +74,9 @@ impl LeaseWatcher {
     pub fn apply(&mut self, update: StoreUpdate) -> Vec<LeaseEvent> {
         match update {
             StoreUpdate::Snapshot(leases) => self.reset(leases),
-            StoreUpdate::Events(events) => events
-                .into_iter()
-                .filter_map(|e| self.event(e))
-                .collect(),
+            StoreUpdate::Events(events) => {
+                events.into_iter().filter_map(|e| self.event(e)).collect()
+            }
         }
     }
 
@@ -183,6 +182,9 @@ mod tests {
             "10.0.2.0-24",
             "0.0.0.0",
         ))]));
-        assert_eq!(b, vec![LeaseEvent::Removed(lease("10.0.2.0-24", "1.1.1.2"))]);
+        assert_eq!(
+            b,
+            vec![LeaseEvent::Removed(lease("10.0.2.0-24", "1.1.1.2"))]
+        );
     }
 }

@@ -71,7 +71,10 @@ fn health_endpoints_follow_readiness() {
             format!("--etcd-endpoints={}", w.etcd.url()),
             format!("--subnet-file={}", w.subnet_file().display()),
         ],
-        &[("FLANNELD_HEALTHZ_PORT", "18081"), ("FLANNELD_HEALTHZ_IP", "127.0.0.1")],
+        &[
+            ("FLANNELD_HEALTHZ_PORT", "18081"),
+            ("FLANNELD_HEALTHZ_IP", "127.0.0.1"),
+        ],
     );
     f.wait_log("Start healthz server on 127.0.0.1:18081", T);
     f.wait_log("Couldn't fetch network config", T);
@@ -85,7 +88,10 @@ fn health_endpoints_follow_readiness() {
     w.put_config(ALLOC);
     f.wait_subnet_env(&w.subnet_file(), T);
     let r = http_get(&w, 18081, "/readyz");
-    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("flanneld is ready"), "{r}");
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("flanneld is ready"),
+        "{r}"
+    );
 }
 
 fn public_ip_of_lease(w: &EtcdHost) -> String {
@@ -112,19 +118,33 @@ fn interface_selection_rules() {
     let w = EtcdHost::new("iface");
     w.put_config(ALLOC);
     w.host.add_interface("eth1", "172.16.30.18/24");
-    w.host.ns.ip(&["addr", "add", "172.16.31.200/24", "dev", "eth1"]);
+    w.host
+        .ns
+        .ip(&["addr", "add", "172.16.31.200/24", "dev", "eth1"]);
     // Default route interface.
     assert_eq!(lease_with(&w, &[]), "192.168.50.2");
     // By name, by IP, by regex on IPs, by regex on names, first match wins.
     assert_eq!(lease_with(&w, &["--iface=eth1"]), "172.16.30.18");
     assert_eq!(lease_with(&w, &["--iface=172.16.31.200"]), "172.16.31.200");
-    assert_eq!(lease_with(&w, &["--iface=nope0", "--iface=eth1"]), "172.16.30.18");
-    assert_eq!(lease_with(&w, &[r"--iface-regex=172\.16\.31\.\d+"]), "172.16.31.200");
+    assert_eq!(
+        lease_with(&w, &["--iface=nope0", "--iface=eth1"]),
+        "172.16.30.18"
+    );
+    assert_eq!(
+        lease_with(&w, &[r"--iface-regex=172\.16\.31\.\d+"]),
+        "172.16.31.200"
+    );
     assert_eq!(lease_with(&w, &["--iface-regex=^eth1$"]), "172.16.30.18");
     // The interface the kernel would use to reach an address.
-    assert_eq!(lease_with(&w, &["--iface-can-reach=172.16.30.254"]), "172.16.30.18");
+    assert_eq!(
+        lease_with(&w, &["--iface-can-reach=172.16.30.254"]),
+        "172.16.30.18"
+    );
     // --public-ip is advertised; the interface is the one owning it.
-    assert_eq!(lease_with(&w, &["--public-ip=172.16.30.18"]), "172.16.30.18");
+    assert_eq!(
+        lease_with(&w, &["--public-ip=172.16.30.18"]),
+        "172.16.30.18"
+    );
     // --public-ip with --iface: advertised address differs from the interface's (NAT).
     assert_eq!(
         lease_with(&w, &["--iface=eth0", "--public-ip=203.0.113.7"]),
@@ -140,7 +160,9 @@ fn no_matching_interface_is_a_clear_fatal_error() {
     assert_eq!(f.wait_exit(T).code(), Some(1));
     let log = f.log();
     assert!(
-        log.contains("Failed to find interface to use that matches the interfaces and/or regexes provided"),
+        log.contains(
+            "Failed to find interface to use that matches the interfaces and/or regexes provided"
+        ),
         "{log}"
     );
     let mut f = w.flanneld(&["--public-ip=10.99.99.99"]);

@@ -17,7 +17,9 @@ fn subnet_line(env: &str) -> String {
 
 fn key_for(env: &str) -> String {
     // FLANNEL_SUBNET=10.5.90.1/24 -> <prefix>/subnets/10.5.90.0-24
-    let cidr = subnet_line(env).trim_start_matches("FLANNEL_SUBNET=").to_string();
+    let cidr = subnet_line(env)
+        .trim_start_matches("FLANNEL_SUBNET=")
+        .to_string();
     let (ip, len) = cidr.split_once('/').unwrap();
     let mut o: Vec<u8> = ip.split('.').map(|x| x.parse().unwrap()).collect();
     o[3] -= 1;
@@ -51,7 +53,10 @@ fn lease_key_json_ttl_and_subnet_env_are_exact() {
     assert_eq!(lines[3], "FLANNEL_IPMASQ=false");
     assert!(env.ends_with('\n'));
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(w.subnet_file()).unwrap().permissions().mode();
+    let mode = std::fs::metadata(w.subnet_file())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o644);
 
     // SIGTERM: clean exit, lease kept.
@@ -85,7 +90,10 @@ fn previous_subnet_from_subnet_env_is_reused_when_free() {
     .unwrap();
     let mut f = w.flanneld(&[]);
     f.wait_log("Wrote subnet file", T);
-    assert_eq!(w.lease_keys(), vec![format!("{PREFIX}/subnets/10.5.77.0-24")]);
+    assert_eq!(
+        w.lease_keys(),
+        vec![format!("{PREFIX}/subnets/10.5.77.0-24")]
+    );
 
     // Not reused when someone else holds it.
     drop(f);
@@ -108,9 +116,13 @@ fn fifty_racing_daemons_get_distinct_subnets() {
     w.put_config(r#"{"Network":"10.9.0.0/22","SubnetLen":28,"Backend":{"Type":"alloc"}}"#);
     let n = 50;
     for i in 0..n {
-        w.host
-            .ns
-            .ip(&["addr", "add", &format!("192.168.60.{}/24", i + 10), "dev", "eth0"]);
+        w.host.ns.ip(&[
+            "addr",
+            "add",
+            &format!("192.168.60.{}/24", i + 10),
+            "dev",
+            "eth0",
+        ]);
     }
     let mut daemons: Vec<(Flanneld, std::path::PathBuf)> = (0..n)
         .map(|i| {
@@ -144,7 +156,10 @@ fn out_of_subnets_is_a_clear_error() {
     let w = EtcdHost::new("full");
     // /28 -> /30 subnets; first skipped: .4, .8, .12 usable.
     w.put_config(r#"{"Network":"10.9.0.0/28","Backend":{"Type":"alloc"}}"#);
-    for (i, sn) in ["10.9.0.4-30", "10.9.0.8-30", "10.9.0.12-30"].iter().enumerate() {
+    for (i, sn) in ["10.9.0.4-30", "10.9.0.8-30", "10.9.0.12-30"]
+        .iter()
+        .enumerate()
+    {
         w.etcd.put(
             &format!("{PREFIX}/subnets/{sn}"),
             &format!(r#"{{"PublicIP":"192.168.70.{i}","PublicIPv6":null}}"#),
@@ -162,8 +177,12 @@ fn garbage_under_subnets_is_skipped_never_fatal() {
     let w = EtcdHost::new("garbage");
     w.put_config(ALLOC);
     w.etcd.put(&format!("{PREFIX}/subnets/not-a-subnet"), "{}");
-    w.etcd.put(&format!("{PREFIX}/subnets/10.5.3.0-24"), "garbage");
-    w.etcd.put(&format!("{PREFIX}/subnets/10.5.4.0-24"), r#"{"PublicIP":null}"#);
+    w.etcd
+        .put(&format!("{PREFIX}/subnets/10.5.3.0-24"), "garbage");
+    w.etcd.put(
+        &format!("{PREFIX}/subnets/10.5.4.0-24"),
+        r#"{"PublicIP":null}"#,
+    );
     let mut f = w.flanneld(&[]);
     f.wait_subnet_env(&w.subnet_file(), T);
     assert!(f.log().contains("Ignoring bad subnet node"), "{}", f.log());
@@ -204,7 +223,9 @@ fn own_lease_deleted_makes_the_daemon_exit_cleanly() {
     w.etcd.del(&key_for(&env));
     let st = f.wait_exit(T);
     assert_eq!(st.code(), Some(0));
-    assert!(f.log().contains("Lease has been revoked. Shutting down daemon."));
+    assert!(f
+        .log()
+        .contains("Lease has been revoked. Shutting down daemon."));
 }
 
 #[test]
@@ -212,10 +233,16 @@ fn incompatible_own_lease_is_replaced() {
     let w = EtcdHost::new("incompat");
     w.put_config(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.10.0","SubnetMax":"10.5.20.0","Backend":{"Type":"alloc"}}"#);
     let stale = format!("{PREFIX}/subnets/10.5.99.0-24");
-    w.etcd.put(&stale, r#"{"PublicIP":"192.168.50.2","PublicIPv6":null}"#);
+    w.etcd
+        .put(&stale, r#"{"PublicIP":"192.168.50.2","PublicIPv6":null}"#);
     let mut f = w.flanneld(&[]);
     let env = f.wait_subnet_env(&w.subnet_file(), T);
-    let third: u8 = subnet_line(&env).split('.').nth(2).unwrap().parse().unwrap();
+    let third: u8 = subnet_line(&env)
+        .split('.')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((10..=20).contains(&third), "{env}");
     assert!(!w.lease_keys().contains(&stale));
 }
@@ -242,7 +269,9 @@ fn missing_config_names_the_etcd_v3_hint() {
         "flannel config not found in etcd store. Did you create your config using etcdv3 API?",
         T,
     );
-    wait_for(T, "daemon still running", || f.try_status().is_none().then_some(()));
+    wait_for(T, "daemon still running", || {
+        f.try_status().is_none().then_some(())
+    });
 }
 
 #[test]
@@ -262,12 +291,22 @@ fn two_networks_on_one_host() {
     let mut a = Flanneld::start(
         &w.host.ns,
         w.dir.path(),
-        &["-subnet-file", a_file.to_str().unwrap(), "-etcd-prefix=/vxlan/network", &url],
+        &[
+            "-subnet-file",
+            a_file.to_str().unwrap(),
+            "-etcd-prefix=/vxlan/network",
+            &url,
+        ],
     );
     let mut b = Flanneld::start(
         &w.host.ns,
         w.dir.path(),
-        &["-subnet-file", b_file.to_str().unwrap(), "-etcd-prefix=/hostgw/network", &url],
+        &[
+            "-subnet-file",
+            b_file.to_str().unwrap(),
+            "-etcd-prefix=/hostgw/network",
+            &url,
+        ],
     );
     let a_env = a.wait_subnet_env(&a_file, T);
     let b_env = b.wait_subnet_env(&b_file, T);

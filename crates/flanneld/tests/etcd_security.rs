@@ -58,5 +58,8 @@ fn authenticates_with_username_and_password_without_logging_it() {
     );
     f.wait_subnet_env(&subnet_file, T);
     assert_eq!(etcd.keys(&format!("{PREFIX}/subnets/")).len(), 1);
-    assert!(!f.log().contains("Sup3rSecret"), "password leaked into the log");
+    assert!(
+        !f.log().contains("Sup3rSecret"),
+        "password leaked into the log"
+    );
 }

@@ -6,7 +6,8 @@ use testbed::fixture::PREFIX;
 use testbed::{wait_for, EtcdHost};
 
 /// The daemon leases from 10.5.200.0 up; the tests write remote leases below that.
-const ALLOC: &str = r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.200.0","Backend":{"Type":"alloc"}}"#;
+const ALLOC: &str =
+    r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.200.0","Backend":{"Type":"alloc"}}"#;
 const T: Duration = Duration::from_secs(30);
 
 fn lease_value(ip: &str) -> String {
@@ -29,18 +30,24 @@ fn remote_keys(w: &EtcdHost, own_ip: &str) -> Vec<String> {
 fn add_and_remove_events_reach_the_backend() {
     let w = EtcdHost::new("watch");
     w.put_config(ALLOC);
-    w.etcd
-        .put(&format!("{PREFIX}/subnets/10.5.1.0-24"), &lease_value("192.168.50.11"));
+    w.etcd.put(
+        &format!("{PREFIX}/subnets/10.5.1.0-24"),
+        &lease_value("192.168.50.11"),
+    );
     let mut f = w.flanneld(&[]);
     f.wait_log("lease added: 10.5.1.0-24 (PublicIP 192.168.50.11", T);
-    w.etcd
-        .put(&format!("{PREFIX}/subnets/10.5.2.0-24"), &lease_value("192.168.50.12"));
+    w.etcd.put(
+        &format!("{PREFIX}/subnets/10.5.2.0-24"),
+        &lease_value("192.168.50.12"),
+    );
     f.wait_log("lease added: 10.5.2.0-24 (PublicIP 192.168.50.12", T);
     w.etcd.del(&format!("{PREFIX}/subnets/10.5.1.0-24"));
     f.wait_log("lease removed: 10.5.1.0-24", T);
     assert_eq!(f.known_leases(), vec!["10.5.2.0-24".to_string()]);
     // The daemon's own lease is never reported to its backend.
-    assert!(!f.log().contains("lease added: 10.5.2.0-24 (PublicIP 192.168.50.2"));
+    assert!(!f
+        .log()
+        .contains("lease added: 10.5.2.0-24 (PublicIP 192.168.50.2"));
 }
 
 #[test]
@@ -63,13 +70,16 @@ fn watch_recovers_from_compaction() {
         w.etcd.put(&key, &value);
     }
     for i in 0..25 {
-        w.etcd.del(&format!("{PREFIX}/subnets/10.5.{}.0-24", 100 + i));
+        w.etcd
+            .del(&format!("{PREFIX}/subnets/10.5.{}.0-24", 100 + i));
     }
     w.etcd.compact();
     f.signal(libc::SIGCONT);
     // A marker written after compaction must arrive, and the final view must match etcd.
-    w.etcd
-        .put(&format!("{PREFIX}/subnets/10.5.3.0-24"), &lease_value("192.168.50.33"));
+    w.etcd.put(
+        &format!("{PREFIX}/subnets/10.5.3.0-24"),
+        &lease_value("192.168.50.33"),
+    );
     f.wait_log("lease added: 10.5.3.0-24", T);
     let expected = remote_keys(&w, "192.168.50.2\"");
     wait_for(T, "daemon view to match etcd", || {
@@ -91,8 +101,10 @@ fn etcd_restart_is_survived() {
     w.etcd.stop();
     std::thread::sleep(Duration::from_millis(500));
     w.etcd.restart();
-    w.etcd
-        .put(&format!("{PREFIX}/subnets/10.5.9.0-24"), &lease_value("192.168.50.99"));
+    w.etcd.put(
+        &format!("{PREFIX}/subnets/10.5.9.0-24"),
+        &lease_value("192.168.50.99"),
+    );
     f.wait_log("lease added: 10.5.9.0-24", T);
     w.etcd.del(&format!("{PREFIX}/subnets/10.5.9.0-24"));
     f.wait_log("lease removed: 10.5.9.0-24", T);

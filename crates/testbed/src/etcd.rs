@@ -182,7 +182,15 @@ impl Etcd {
 
     /// The current store revision.
     pub fn revision(&self) -> i64 {
-        let out = self.ctl(&["get", "/", "--prefix", "--keys-only", "-w", "json", "--limit=1"]);
+        let out = self.ctl(&[
+            "get",
+            "/",
+            "--prefix",
+            "--keys-only",
+            "-w",
+            "json",
+            "--limit=1",
+        ]);
         let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
         v["header"]["revision"].as_i64().expect("revision")
     }

@@ -80,7 +80,10 @@ impl Flanneld {
         });
         if let Some(st) = exited {
             if !self.log().contains(needle) {
-                panic!("flanneld exited ({st}) before logging {needle:?}:\n{}", self.log());
+                panic!(
+                    "flanneld exited ({st}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
             }
         }
     }
@@ -181,7 +184,11 @@ impl Drop for Flanneld {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!("--- flanneld log ({}) ---\n{}", self.log.display(), self.log());
+            eprintln!(
+                "--- flanneld log ({}) ---\n{}",
+                self.log.display(),
+                self.log()
+            );
         }
     }
 }

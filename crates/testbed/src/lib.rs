@@ -90,10 +90,14 @@ pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("FLANNEL_RS_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    // Test executables live in target/<profile>/deps.
+    // Test executables live in target/<profile>/deps, other binaries in target/<profile>.
     let exe = std::env::current_exe().expect("current exe");
-    let deps = exe.parent().expect("exe dir");
-    deps.parent().expect("profile dir").to_path_buf()
+    let dir = exe.parent().expect("exe dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary, checked to exist.

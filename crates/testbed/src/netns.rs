@@ -163,7 +163,9 @@ impl Host {
     /// Creates the host with `eth0` = `ip`/24 and a default route via `.1` of that /24.
     pub fn standalone(tag: &str, ip: Ipv4Addr) -> Self {
         let ns = NetNs::new(tag);
-        ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+        ]);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["link", "set", "eth0p", "up"]);

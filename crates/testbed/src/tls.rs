@@ -37,8 +37,19 @@ pub fn generate(dir: &Path) -> TlsFiles {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout",
-            "ca-key.pem", "-out", "ca.pem", "-subj", "/CN=frs-test-ca",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=frs-test-ca",
         ],
     );
     std::fs::write(
@@ -51,17 +62,36 @@ pub fn generate(dir: &Path) -> TlsFiles {
         openssl(
             dir,
             &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                &format!("{name}-key.pem"), "-out", &format!("{name}.csr"), "-subj",
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}-key.pem"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
                 &format!("/CN=frs-{name}"),
             ],
         );
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey",
-                "ca-key.pem", "-CAcreateserial", "-days", "2", "-out", &format!("{name}.pem"),
-                "-extfile", ext,
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                ext,
             ],
         );
     }

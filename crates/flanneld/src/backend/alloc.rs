@@ -49,7 +49,11 @@ impl Network for AllocNetwork {
 
     async fn handle_events(&mut self, batch: Vec<LeaseEvent>) {
         for e in batch {
-            tracing::debug!("alloc backend ignores {:?} {}", std::mem::discriminant(&e), e.lease().key);
+            tracing::debug!(
+                "alloc backend ignores {:?} {}",
+                std::mem::discriminant(&e),
+                e.lease().key
+            );
         }
     }
 }

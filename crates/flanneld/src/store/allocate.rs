@@ -103,7 +103,8 @@ mod tests {
     #[test]
     fn out_of_subnets() {
         let c = cfg(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.1.0"}"#);
-        let taken: BTreeSet<SubnetKey> = ["10.3.1.0-24"].iter().map(|k| k.parse().unwrap()).collect();
+        let taken: BTreeSet<SubnetKey> =
+            ["10.3.1.0-24"].iter().map(|k| k.parse().unwrap()).collect();
         assert!(matches!(
             pick_free_subnet(&c, &taken, &mut rand::rng()),
             Err(StoreError::OutOfSubnets)

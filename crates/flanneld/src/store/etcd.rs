@@ -254,7 +254,10 @@ impl EtcdStore {
             })
             .await?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        Ok((resp.kvs().iter().filter_map(|kv| self.decode(kv)).collect(), rev))
+        Ok((
+            resp.kvs().iter().filter_map(|kv| self.decode(kv)).collect(),
+            rev,
+        ))
     }
 
     async fn grant(&self) -> Result<(i64, SystemTime), StoreError> {
@@ -450,7 +453,9 @@ impl SubnetStore for EtcdStore {
                     return Ok(lease);
                 }
                 None => {
-                    tracing::info!("subnet {key} was taken by another host meanwhile, trying another one");
+                    tracing::info!(
+                        "subnet {key} was taken by another host meanwhile, trying another one"
+                    );
                     collided.insert(key);
                 }
             }
@@ -551,7 +556,10 @@ impl EtcdStore {
                 .events()
                 .iter()
                 .filter_map(|ev| match ev.event_type() {
-                    EventType::Put => ev.kv().and_then(|kv| self.decode(kv)).map(LeaseEvent::Added),
+                    EventType::Put => ev
+                        .kv()
+                        .and_then(|kv| self.decode(kv))
+                        .map(LeaseEvent::Added),
                     EventType::Delete => {
                         let kv = ev.kv()?;
                         let key = String::from_utf8_lossy(kv.key());
@@ -559,7 +567,9 @@ impl EtcdStore {
                         let subnet: SubnetKey = name.parse().ok()?;
                         let attrs = ev
                             .prev_kv()
-                            .and_then(|p| LeaseAttrs::from_json(&String::from_utf8_lossy(p.value())).ok())
+                            .and_then(|p| {
+                                LeaseAttrs::from_json(&String::from_utf8_lossy(p.value())).ok()
+                            })
                             .unwrap_or_else(|| LeaseAttrs::public_only(Ipv4Addr::UNSPECIFIED));
                         Some(LeaseEvent::Removed(Lease {
                             key: subnet,
