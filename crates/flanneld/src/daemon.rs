@@ -16,7 +16,7 @@ use crate::backend::{self, BackendContext};
 use crate::cli::Options;
 use crate::health::{self, Readiness};
 use crate::iface::{self, IpStack, Selection};
-use crate::lease::{Lease, LeaseEvent, LeaseWatcher};
+use crate::lease::{Lease, LeaseEvent, LeaseWatcher, StoreUpdate};
 use crate::netlink::Netlink;
 use crate::store::etcd::{EtcdSettings, EtcdStore};
 use crate::store::{OwnLeaseEvent, SubnetStore};
@@ -238,7 +238,22 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
     }
     let mut watcher = LeaseWatcher::new(lease.key);
     tasks.spawn(async move {
-        while let Some(update) = watch_rx.recv().await {
+        let mut check = tokio::time::interval(network.check_interval());
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.tick().await;
+        loop {
+            let update = tokio::select! {
+                u = watch_rx.recv() => match u {
+                    Some(u) => u,
+                    None => break,
+                },
+                _ = check.tick() => {
+                    let known: Vec<Lease> = watcher.known().cloned().collect();
+                    network.check(&known).await;
+                    continue;
+                }
+            };
+            let is_snapshot = matches!(update, StoreUpdate::Snapshot(_));
             let batch = watcher.apply(update);
             for e in &batch {
                 match e {
@@ -253,6 +268,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
             }
             if !batch.is_empty() {
                 network.handle_events(batch).await;
+            }
+            if is_snapshot {
+                let known: Vec<Lease> = watcher.known().cloned().collect();
+                network.resync(&known).await;
             }
         }
     });

@@ -14,6 +14,7 @@ pub struct Etcd {
     dir: TempDir,
     child: Option<Child>,
     port: u16,
+    listen_ip: String,
     tls: Option<TlsFiles>,
     user: Option<(String, String)>,
 }
@@ -26,11 +27,17 @@ impl Etcd {
 
     /// Starts etcd on `port`; with `tls` it requires client certificates signed by the CA.
     pub fn start_with(ns: &Arc<NetNs>, port: u16, tls: Option<TlsFiles>) -> Self {
+        Self::start_on(ns, "127.0.0.1", port, tls)
+    }
+
+    /// Starts etcd listening on `listen_ip:port` (other hosts reach it over the underlay).
+    pub fn start_on(ns: &Arc<NetNs>, listen_ip: &str, port: u16, tls: Option<TlsFiles>) -> Self {
         let mut e = Etcd {
             ns: ns.clone(),
             dir: TempDir::new("etcd"),
             child: None,
             port,
+            listen_ip: listen_ip.to_string(),
             tls,
             user: None,
         };
@@ -41,7 +48,7 @@ impl Etcd {
     /// The client URL flanneld should use.
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+        format!("{scheme}://{}:{}", self.listen_ip, self.port)
     }
 
     fn launch(&mut self) {

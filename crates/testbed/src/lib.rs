@@ -4,6 +4,7 @@
 //! panic, through `Drop`) and the removal of a crashed run's leftovers live in one place. Nothing
 //! here adds links, routes, addresses or rules to the root namespace.
 
+pub mod cluster;
 pub mod etcd;
 pub mod fixture;
 pub mod flanneld;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub use cluster::{Cluster, Pod};
 pub use etcd::Etcd;
 pub use fixture::EtcdHost;
 pub use flanneld::Flanneld;

@@ -4,6 +4,8 @@
 //! handles batches of lease events. Adding a backend = one module + one line in [`lookup`].
 
 pub mod alloc;
+pub mod hostgw;
+pub mod vxlan;
 
 use std::sync::Arc;
 
@@ -63,6 +65,18 @@ pub trait Network: Send {
     /// Brings the data plane in line with a batch of remote lease changes. Errors are logged
     /// per lease inside; one bad peer never stops the others.
     async fn handle_events(&mut self, batch: Vec<LeaseEvent>);
+
+    /// Called after every full snapshot with all current remote leases: removes kernel state of
+    /// peers that no longer exist (e.g. hosts that left while flanneld was down).
+    async fn resync(&mut self, _current: &[Lease]) {}
+
+    /// How often [`Network::check`] runs.
+    fn check_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(3600)
+    }
+
+    /// Periodic repair (device deleted behind our back, route removed by someone).
+    async fn check(&mut self, _current: &[Lease]) {}
 }
 
 /// Creates a backend from the raw `Backend` config object.
@@ -72,6 +86,8 @@ pub type Constructor = fn(&BackendContext) -> Result<Box<dyn Backend>, BackendEr
 pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
     match backend_type {
         "alloc" => Ok(alloc::AllocBackend::create),
+        "host-gw" => Ok(hostgw::HostGwBackend::create),
+        "vxlan" => Ok(vxlan::VxlanBackend::create),
         other => Err(BackendError::UnknownType(other.to_string())),
     }
 }

@@ -463,6 +463,11 @@ impl SubnetStore for EtcdStore {
         Err(StoreError::MaxRetries)
     }
 
+    async fn lease_by_public_ip(&self, public_ip: Ipv4Addr) -> Result<Option<Lease>, StoreError> {
+        let (leases, _) = self.list().await?;
+        Ok(find_by_public_ip(&leases, public_ip).cloned())
+    }
+
     async fn renew_lease(&self, lease: &Lease) -> Result<Lease, StoreError> {
         if lease.ttl_id == 0 {
             return Ok(lease.clone()); // reservations never expire

@@ -73,6 +73,14 @@ pub trait SubnetStore: Send + Sync {
         attrs: &LeaseAttrs,
     ) -> Result<Lease, StoreError>;
 
+    /// The lease currently held for `public_ip`, if any (used to keep the VtepMAC stable).
+    async fn lease_by_public_ip(
+        &self,
+        _public_ip: std::net::Ipv4Addr,
+    ) -> Result<Option<Lease>, StoreError> {
+        Ok(None)
+    }
+
     /// Extends the lease before it expires; returns the lease with its new expiry.
     async fn renew_lease(&self, lease: &Lease) -> Result<Lease, StoreError>;
 

@@ -1,0 +1,174 @@
+//! `host-gw`: a route `<subnet> via <PublicIP>` per peer; the fast path on one L2 segment.
+//!
+//! Routes are replaced in place (never deleted and re-added), checked every 10 s and recovered
+//! if someone removed them, and routes of peers that no longer exist are removed on every
+//! snapshot.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use flannel_types::{LeaseAttrs, NetworkConfig, SubnetKey};
+use ipnet::IpNet;
+use netlink_packet_route::route::RouteProtocol;
+
+use super::{Backend, BackendContext, BackendError, Network};
+use crate::iface::ExternalInterface;
+use crate::lease::{Lease, LeaseEvent};
+use crate::netlink::{Netlink, RouteSpec};
+
+/// The host-gw backend.
+pub struct HostGwBackend;
+
+impl HostGwBackend {
+    /// Registry constructor.
+    pub fn create(ctx: &BackendContext) -> Result<Box<dyn Backend>, BackendError> {
+        if ctx.ext.ext_addr != ctx.ext.iface_addr {
+            return Err(BackendError::Other(
+                "your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported by host-gw backend".into(),
+            ));
+        }
+        Ok(Box::new(HostGwBackend))
+    }
+}
+
+struct HostGwNetwork {
+    nl: Netlink,
+    lease: Lease,
+    config: NetworkConfig,
+    ext: ExternalInterface,
+    routes: BTreeMap<SubnetKey, RouteSpec>,
+}
+
+#[async_trait]
+impl Backend for HostGwBackend {
+    async fn register_network(
+        &self,
+        ctx: &BackendContext,
+    ) -> Result<Box<dyn Network>, BackendError> {
+        let nl = Netlink::open().map_err(|e| BackendError::Other(e.to_string()))?;
+        let attrs = LeaseAttrs {
+            public_ip: ctx.ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            public_ipv6: None,
+            backend_type: "host-gw".into(),
+            backend_data: None,
+            backend_v6_data: None,
+        };
+        let lease = ctx.store.acquire_lease(&ctx.config, &attrs).await?;
+        Ok(Box::new(HostGwNetwork {
+            nl,
+            lease,
+            config: ctx.config.clone(),
+            ext: ctx.ext.clone(),
+            routes: BTreeMap::new(),
+        }))
+    }
+}
+
+impl HostGwNetwork {
+    fn route_for(&self, l: &Lease) -> RouteSpec {
+        RouteSpec {
+            dst: IpNet::V4(l.key.ipv4),
+            gateway: Some(IpAddr::V4(l.attrs.public_ip)),
+            oif: Some(self.ext.index),
+            onlink: false,
+            blackhole: false,
+        }
+    }
+
+    async fn add(&mut self, l: &Lease) {
+        if l.attrs.backend_type != "host-gw" {
+            tracing::warn!(
+                "ignoring non-host-gw subnet {}: type={:?}",
+                l.key,
+                l.attrs.backend_type
+            );
+            return;
+        }
+        let route = self.route_for(l);
+        match self.nl.replace_route(&route).await {
+            Ok(()) => {
+                tracing::info!("host-gw: route {route} installed");
+                self.routes.insert(l.key, route);
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+
+    async fn remove(&mut self, l: &Lease) {
+        let route = self
+            .routes
+            .remove(&l.key)
+            .unwrap_or_else(|| self.route_for(l));
+        match self.nl.delete_route(&route).await {
+            Ok(()) => tracing::info!("host-gw: route {route} removed"),
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+}
+
+#[async_trait]
+impl Network for HostGwNetwork {
+    fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    fn mtu(&self) -> u32 {
+        self.ext.mtu
+    }
+
+    async fn handle_events(&mut self, batch: Vec<LeaseEvent>) {
+        for e in batch {
+            match e {
+                LeaseEvent::Added(l) => self.add(&l).await,
+                LeaseEvent::Removed(l) => self.remove(&l).await,
+            }
+        }
+    }
+
+    async fn resync(&mut self, current: &[Lease]) {
+        let keys: BTreeSet<SubnetKey> = current.iter().map(|l| l.key).collect();
+        self.routes.retain(|k, _| keys.contains(k));
+        let (Some(network), Ok(routes)) = (self.config.network, self.nl.routes(false).await) else {
+            return;
+        };
+        let own = self.lease.key.ipv4;
+        for r in routes {
+            let Some(IpNet::V4(dst)) = r.destination_net() else {
+                continue;
+            };
+            let flannel_route = r.oif == Some(self.ext.index)
+                && r.table == 254
+                && r.protocol == RouteProtocol::Boot
+                && r.gateway.is_some()
+                && network.contains(&dst)
+                && dst != own;
+            if flannel_route && !self.routes.values().any(|w| w.matches(&r)) {
+                tracing::info!("removing stale route {dst} via {:?}", r.gateway);
+                if let Err(e) = self.nl.delete_kernel_route(&r).await {
+                    tracing::error!("{e}");
+                }
+            }
+        }
+    }
+
+    fn check_interval(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+
+    /// Re-adds remembered routes that someone removed.
+    async fn check(&mut self, _current: &[Lease]) {
+        let Ok(routes) = self.nl.routes(false).await else {
+            return;
+        };
+        for want in self.routes.values() {
+            if !routes.iter().any(|r| want.matches(r)) {
+                match self.nl.replace_route(want).await {
+                    Ok(()) => tracing::info!("Route recovered {want}"),
+                    Err(e) => tracing::error!("{e}"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! vxlan backend end to end: pods on several namespace hosts reach each other over real kernel
+//! VXLAN; peers leaving/joining, custom VNI/port, DirectRouting, device deletion, stale state.
+
+use std::time::Duration;
+
+use testbed::fixture::PREFIX;
+use testbed::{wait_for, Cluster};
+
+const T: Duration = Duration::from_secs(30);
+
+fn vxlan_config(extra: &str) -> String {
+    format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"vxlan"{extra}}}}}"#)
+}
+
+/// The subnet (network form, e.g. `10.5.7.0/24`) host `i` leased.
+fn subnet_of(c: &Cluster, i: usize) -> String {
+    let s = c.env_var(i, "FLANNEL_SUBNET");
+    let n: ipnet::Ipv4Net = s.parse().unwrap();
+    n.trunc().to_string()
+}
+
+fn etcd_key(subnet: &str) -> String {
+    format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"))
+}
+
+#[test]
+fn three_hosts_reach_each_other_and_track_leaves_and_joins() {
+    let mut c = Cluster::new(3);
+    c.put_config(None, &vxlan_config(""));
+    c.start_all(&[]);
+    for h in 0..3 {
+        c.add_pod(h);
+    }
+    c.wait_full_mesh(T);
+
+    // Kernel state on h1 is what Go flannel would build.
+    let h1 = &c.hosts[0].ns;
+    let link = h1.ip(&["-d", "link", "show", "flannel.1"]);
+    assert!(
+        link.contains("vxlan id 1 local 192.168.100.11 dev eth0"),
+        "{link}"
+    );
+    assert!(
+        link.contains("dstport 8472") && link.contains("nolearning"),
+        "{link}"
+    );
+    assert!(link.contains("mtu 1450"), "{link}");
+    assert_eq!(c.env_var(0, "FLANNEL_MTU"), "1450");
+    let own = subnet_of(&c, 0);
+    let own_addr = own.replace("/24", "/32");
+    assert!(h1.ip(&["addr", "show", "flannel.1"]).contains(&own_addr));
+    let h3_subnet = subnet_of(&c, 2);
+    let h3_gw = h3_subnet.trim_end_matches("/24");
+    let routes = h1.ip(&["route", "show", "dev", "flannel.1"]);
+    assert!(
+        routes.contains(&format!("{h3_subnet} via {h3_gw} onlink")),
+        "{routes}"
+    );
+    let lease: serde_json::Value =
+        serde_json::from_str(&c.etcd.get(&etcd_key(&h3_subnet)).unwrap()).unwrap();
+    let mac = lease["BackendData"]["VtepMAC"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(lease["BackendType"], "vxlan");
+    assert_eq!(lease["BackendData"]["VNI"], 1);
+    let neigh = h1.ip(&["neigh", "show", "dev", "flannel.1"]);
+    assert!(
+        neigh.contains(&format!("{h3_gw} lladdr {mac} PERMANENT")),
+        "{neigh}"
+    );
+    let fdb = h1.run("bridge", &["fdb", "show", "dev", "flannel.1"]);
+    assert!(
+        fdb.contains(&format!("{mac} dst 192.168.100.13 self permanent")),
+        "{fdb}"
+    );
+
+    // h3 leaves: its lease is deleted; h1 and h2 drop its route, neighbour and FDB entry.
+    c.hosts[2].flanneld.as_mut().unwrap().kill();
+    c.etcd.del(&etcd_key(&h3_subnet));
+    for h in 0..2 {
+        let ns = &c.hosts[h].ns;
+        wait_for(T, "h3's entries to disappear", || {
+            let r = ns.ip(&["route", "show", "dev", "flannel.1"]);
+            let n = ns.ip(&["neigh", "show", "dev", "flannel.1"]);
+            let f = ns.run("bridge", &["fdb", "show", "dev", "flannel.1"]);
+            (!r.contains(&h3_subnet) && !n.contains(h3_gw) && !f.contains(&mac)).then_some(())
+        });
+    }
+
+    // h4 joins later and is reached by the others.
+    let h4 = c.add_host();
+    c.start_flanneld(h4, &[]);
+    let p4 = c.add_pod(h4);
+    let p4_ip = c.pods[p4].ip;
+    c.wait_ping(0, p4_ip, T);
+    c.wait_ping(1, p4_ip, T);
+    c.wait_ping(p4, c.pods[0].ip, T);
+}
+
+#[test]
+fn custom_vni_and_port() {
+    let mut c = Cluster::new(2);
+    c.put_config(None, &vxlan_config(r#","VNI":4242,"Port":4789"#));
+    c.start_all(&[]);
+    c.add_pod(0);
+    c.add_pod(1);
+    c.wait_full_mesh(T);
+    let link = c.hosts[0].ns.ip(&["-d", "link", "show", "flannel.4242"]);
+    assert!(
+        link.contains("vxlan id 4242") && link.contains("dstport 4789"),
+        "{link}"
+    );
+}
+
+#[test]
+fn direct_routing_uses_plain_routes_on_one_segment() {
+    let mut c = Cluster::new(2);
+    c.put_config(None, &vxlan_config(r#","DirectRouting":true"#));
+    c.start_all(&[]);
+    c.add_pod(0);
+    c.add_pod(1);
+    c.wait_full_mesh(T);
+    let h2_subnet = subnet_of(&c, 1);
+    let routes = c.hosts[0].ns.ip(&["route"]);
+    assert!(
+        routes.contains(&format!("{h2_subnet} via 192.168.100.12 dev eth0")),
+        "{routes}"
+    );
+    let fdb = c.hosts[0]
+        .ns
+        .run("bridge", &["fdb", "show", "dev", "flannel.1"]);
+    assert!(!fdb.contains("dst 192.168.100.12"), "{fdb}");
+}
+
+#[test]
+fn deleted_device_is_recreated_with_all_entries() {
+    let mut c = Cluster::new(2);
+    c.put_config(None, &vxlan_config(""));
+    c.start_all(&[]);
+    c.add_pod(0);
+    c.add_pod(1);
+    c.wait_full_mesh(T);
+    let mac_before = c.hosts[0].ns.ip(&["link", "show", "flannel.1"]);
+    c.hosts[0].ns.ip(&["link", "del", "flannel.1"]);
+    c.flanneld(0).wait_log("remote entries replayed", T);
+    c.wait_full_mesh(T);
+    let mac_after = c.hosts[0].ns.ip(&["link", "show", "flannel.1"]);
+    let mac = |s: &str| s.split("link/ether ").nth(1).unwrap()[..17].to_string();
+    assert_eq!(mac(&mac_before), mac(&mac_after), "VtepMAC must not change");
+}
+
+#[test]
+fn stale_entries_of_peers_gone_while_down_are_removed_at_start() {
+    let mut c = Cluster::new(3);
+    c.put_config(None, &vxlan_config(""));
+    c.start_all(&[]);
+    c.add_pod(0);
+    c.add_pod(2);
+    c.wait_full_mesh(T);
+    let h3_subnet = subnet_of(&c, 2);
+    // h1's flanneld is down while h3 leaves.
+    c.hosts[0].flanneld.as_mut().unwrap().kill();
+    c.hosts[2].flanneld.as_mut().unwrap().kill();
+    c.etcd.del(&etcd_key(&h3_subnet));
+    assert!(c.hosts[0]
+        .ns
+        .ip(&["route", "show", "dev", "flannel.1"])
+        .contains(&h3_subnet));
+    c.start_flanneld(0, &[]);
+    let ns = &c.hosts[0].ns;
+    wait_for(T, "stale route to be removed", || {
+        (!ns.ip(&["route", "show", "dev", "flannel.1"])
+            .contains(&h3_subnet))
+        .then_some(())
+    });
+    let gw = h3_subnet.trim_end_matches("/24");
+    assert!(!ns.ip(&["neigh", "show", "dev", "flannel.1"]).contains(gw));
+    // And the remaining peer is still reachable.
+    assert!(ns
+        .ip(&["route", "show", "dev", "flannel.1"])
+        .contains(&subnet_of(&c, 1)));
+}

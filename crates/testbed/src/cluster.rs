@@ -1,0 +1,285 @@
+//! A multi-host cluster: hosts as namespaces joined by an underlay bridge that lives in its own
+//! namespace, a real etcd on the first host, a flanneld per host, and pods attached through the
+//! real CNI `bridge` + `host-local` plugins.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::fixture::PREFIX;
+use crate::netns::NetNs;
+use crate::{unique_name, wait_for, Etcd, Flanneld, TempDir};
+
+/// Where the reference CNI plugins are installed (Debian's containernetworking-plugins).
+pub const CNI_PATH: &str = "/usr/lib/cni";
+
+/// A pod: a namespace with `eth0` on its host's `cni0` bridge.
+pub struct Pod {
+    /// The pod's namespace.
+    pub ns: NetNs,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Index of its host in the cluster.
+    pub host: usize,
+    /// Display name, `h<host>/pod<n>`.
+    pub label: String,
+}
+
+/// One host of the cluster.
+pub struct ClusterHost {
+    /// The host's namespace.
+    pub ns: Arc<NetNs>,
+    /// Its underlay address (on `eth0`).
+    pub ip: Ipv4Addr,
+    /// Its flanneld, when running.
+    pub flanneld: Option<Flanneld>,
+    /// The subnet.env its flanneld writes.
+    pub subnet_file: PathBuf,
+}
+
+/// N hosts on one L2 underlay (192.168.100.0/24) with etcd on the first.
+pub struct Cluster {
+    /// Pods (dropped first).
+    pub pods: Vec<Pod>,
+    /// The etcd server on host 0.
+    pub etcd: Etcd,
+    /// The hosts.
+    pub hosts: Vec<ClusterHost>,
+    /// Scratch space.
+    pub dir: TempDir,
+    /// The namespace holding the underlay bridge `br0` (dropped last).
+    pub underlay: Arc<NetNs>,
+}
+
+impl Cluster {
+    /// Builds `n` hosts and starts etcd; no flanneld yet.
+    pub fn new(n: usize) -> Self {
+        let underlay = Arc::new(NetNs::new("ul"));
+        underlay.ip(&["link", "add", "br0", "type", "bridge"]);
+        underlay.ip(&["link", "set", "br0", "up"]);
+        let dir = TempDir::new("cluster");
+        let mut hosts = vec![];
+        for i in 0..n {
+            hosts.push(Self::make_host(&underlay, &dir, i));
+        }
+        let etcd = Etcd::start_on(&hosts[0].ns, &hosts[0].ip.to_string(), 2379, None);
+        Cluster {
+            pods: vec![],
+            etcd,
+            hosts,
+            dir,
+            underlay,
+        }
+    }
+
+    fn make_host(underlay: &Arc<NetNs>, dir: &TempDir, i: usize) -> ClusterHost {
+        let ns = Arc::new(NetNs::new(&format!("h{}", i + 1)));
+        let ip = Ipv4Addr::new(192, 168, 100, 11 + i as u8);
+        let peer = format!("veth-h{}", i + 1);
+        // Created directly inside the two namespaces: nothing appears in the root namespace.
+        let out = Command::new("ip")
+            .args([
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+                "netns",
+                underlay.name(),
+            ])
+            .output()
+            .expect("ip link add");
+        assert!(
+            out.status.success(),
+            "veth: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        underlay.ip(&["link", "set", &peer, "master", "br0"]);
+        underlay.ip(&["link", "set", &peer, "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "default", "via", "192.168.100.1"]);
+        ns.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        ClusterHost {
+            ns,
+            ip,
+            flanneld: None,
+            subnet_file: dir.join(&format!("h{}-subnet.env", i + 1)),
+        }
+    }
+
+    /// Adds a host to a running cluster (e.g. one joining later); returns its index.
+    pub fn add_host(&mut self) -> usize {
+        let i = self.hosts.len();
+        let h = Self::make_host(&self.underlay, &self.dir, i);
+        self.hosts.push(h);
+        i
+    }
+
+    /// Writes the network config at `prefix` (default prefix when `None`).
+    pub fn put_config(&self, prefix: Option<&str>, json: &str) {
+        self.etcd
+            .put(&format!("{}/config", prefix.unwrap_or(PREFIX)), json);
+    }
+
+    /// Starts flanneld on host `i` with `extra` flags and waits for its subnet.env.
+    pub fn start_flanneld(&mut self, i: usize, extra: &[&str]) -> String {
+        let h = &mut self.hosts[i];
+        let mut args = vec![
+            format!("--etcd-endpoints={}", self.etcd.url()),
+            format!("--subnet-file={}", h.subnet_file.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let _ = std::fs::remove_file(&h.subnet_file);
+        let mut f = Flanneld::start(&h.ns, self.dir.path(), &args);
+        let env = f.wait_subnet_env(&h.subnet_file, Duration::from_secs(60));
+        h.flanneld = Some(f);
+        env
+    }
+
+    /// Starts flanneld on every host.
+    pub fn start_all(&mut self, extra: &[&str]) {
+        for i in 0..self.hosts.len() {
+            self.start_flanneld(i, extra);
+        }
+    }
+
+    /// The flanneld of host `i`.
+    pub fn flanneld(&mut self, i: usize) -> &mut Flanneld {
+        self.hosts[i].flanneld.as_mut().expect("flanneld running")
+    }
+
+    /// Reads a key of host `i`'s subnet.env.
+    pub fn env_var(&self, i: usize, key: &str) -> String {
+        read_env(&self.hosts[i].subnet_file, key)
+    }
+
+    /// Attaches a pod to host `i` with the reference bridge + host-local plugins, configured from
+    /// the host's subnet.env; returns the pod index.
+    pub fn add_pod(&mut self, i: usize) -> usize {
+        let subnet_file = self.hosts[i].subnet_file.clone();
+        self.add_pod_on(i, &subnet_file, "cni0")
+    }
+
+    /// Like [`Self::add_pod`] with an explicit subnet.env and bridge name (several networks).
+    pub fn add_pod_on(&mut self, i: usize, subnet_file: &std::path::Path, bridge: &str) -> usize {
+        let n = self.pods.iter().filter(|p| p.host == i).count() + 1;
+        let label = format!("h{}/pod{n}", i + 1);
+        let pod_ns = NetNs::new(&format!("p{}{}", i + 1, n));
+        let subnet = read_env(subnet_file, "FLANNEL_SUBNET");
+        let network = read_env(subnet_file, "FLANNEL_NETWORK");
+        let mtu = read_env(subnet_file, "FLANNEL_MTU");
+        let range: ipnet::Ipv4Net = subnet.parse().expect("FLANNEL_SUBNET");
+        let conf = serde_json::json!({
+            "cniVersion": "0.3.1",
+            "name": format!("frs-{bridge}"),
+            "type": "bridge",
+            "bridge": bridge,
+            "isGateway": true,
+            "ipMasq": false,
+            "mtu": mtu.parse::<u32>().expect("FLANNEL_MTU"),
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": range.trunc().to_string()}]],
+                "routes": [{"dst": network}],
+                "dataDir": self.dir.join(&format!("ipam-h{}", i + 1)).to_string_lossy(),
+            }
+        });
+        let result = cni_call(
+            &self.hosts[i].ns,
+            "ADD",
+            &unique_name("ctr"),
+            pod_ns.name(),
+            &conf.to_string(),
+        );
+        let v: serde_json::Value = serde_json::from_str(&result).expect("CNI result JSON");
+        let addr = v["ips"][0]["address"]
+            .as_str()
+            .expect("CNI result has an IP");
+        let ip: Ipv4Addr = addr.split('/').next().unwrap().parse().unwrap();
+        self.pods.push(Pod {
+            ns: pod_ns,
+            ip,
+            host: i,
+            label,
+        });
+        self.pods.len() - 1
+    }
+
+    /// Whether pod `from` gets one ping answer from `to` (1 s timeout).
+    pub fn ping(&self, from: usize, to: Ipv4Addr) -> bool {
+        self.pods[from]
+            .ns
+            .exec("ping", &["-c", "1", "-W", "1", &to.to_string()])
+            .status
+            .success()
+    }
+
+    /// Waits (up to `timeout`) until pod `from` can ping `to`; panics otherwise.
+    pub fn wait_ping(&self, from: usize, to: Ipv4Addr, timeout: Duration) {
+        let what = format!("{} to reach {to}", self.pods[from].label);
+        wait_for(timeout, &what, || self.ping(from, to).then_some(()));
+    }
+
+    /// Waits until every pod reaches every pod on other hosts.
+    pub fn wait_full_mesh(&self, timeout: Duration) {
+        for a in 0..self.pods.len() {
+            for b in 0..self.pods.len() {
+                if self.pods[a].host != self.pods[b].host {
+                    self.wait_ping(a, self.pods[b].ip, timeout);
+                }
+            }
+        }
+    }
+}
+
+fn read_env(path: &std::path::Path, key: &str) -> String {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} missing in {}", path.display()))
+        .to_string()
+}
+
+/// Runs a reference CNI plugin (`bridge`) in `host` for the pod namespace; returns stdout.
+pub fn cni_call(
+    host: &NetNs,
+    command: &str,
+    container_id: &str,
+    pod_ns: &str,
+    conf: &str,
+) -> String {
+    use std::io::Write;
+    let mut cmd = host.command(format!("{CNI_PATH}/bridge"));
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", format!("/run/netns/{pod_ns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", CNI_PATH)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("run CNI plugin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.as_bytes())
+        .expect("write CNI config");
+    let out = child.wait_with_output().expect("CNI plugin output");
+    assert!(
+        out.status.success(),
+        "CNI {command} failed: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
