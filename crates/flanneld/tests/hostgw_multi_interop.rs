@@ -266,7 +266,7 @@ fn sigkill_restart_of_both_hosts_drops_no_packet() {
         c.wait_full_mesh(T);
         // 400 pings at 10 ms intervals (~4 s) while both daemons are killed and restarted.
         let dest = c.pods[b].ip.to_string();
-        let mut pinger = c.pods[a]
+        let pinger = c.pods[a]
             .ns
             .command("ping")
             .args(["-i", "0.01", "-c", "400", "-W", "1", &dest])
