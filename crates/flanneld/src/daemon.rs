@@ -17,9 +17,11 @@ use crate::cli::Options;
 use crate::health::{self, Readiness};
 use crate::iface::{self, IpStack, Selection};
 use crate::lease::{Lease, LeaseEvent, LeaseWatcher, StoreUpdate};
-use crate::netlink::Netlink;
+use crate::netlink::{Netlink, RouteSpec};
+use crate::rules::{self, Masq, RuleSet};
 use crate::store::etcd::{EtcdSettings, EtcdStore};
 use crate::store::{OwnLeaseEvent, SubnetStore};
+use ipnet::IpNet;
 
 /// Why the daemon stopped without an error (exit status 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,10 +200,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
     };
     let lease = network.lease().clone();
 
-    if opts.ip_masq || opts.ip_blackhole_route {
-        tracing::warn!(
-            "--ip-masq / --ip-blackhole-route are accepted but traffic rules are not implemented in this build yet"
-        );
+    setup_traffic_rules(&opts, &config, &lease, &mut tasks).await?;
+    if opts.ip_blackhole_route {
+        tasks.spawn(keep_blackhole_routes(
+            nl.clone(),
+            lease.clone(),
+            resync_period(&opts),
+        ));
     }
 
     let env = SubnetEnv {
@@ -288,6 +293,100 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
     tasks.abort_all();
     tracing::info!("Exiting cleanly...");
     Ok(outcome)
+}
+
+fn resync_period(opts: &Options) -> Duration {
+    Duration::from_secs(opts.iptables_resync.max(1) as u64)
+}
+
+/// Installs masquerade/forward rules and keeps them in place (re-applied when changed).
+async fn setup_traffic_rules(
+    opts: &Options,
+    config: &NetworkConfig,
+    lease: &Lease,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> anyhow::Result<()> {
+    let manager = rules::for_config(config.enable_nftables);
+    tracing::info!("Cleaning-up unused traffic manager rules");
+    manager.cleanup_other().await;
+    let random_fully = !opts.ip_masq_fully_random_disable
+        && (config.enable_nftables || rules::iptables::supports_random_fully().await);
+    let v4 = config.enable_ipv4.then_some(config.network).flatten();
+    let v6 = config.enable_ipv6.then_some(config.ipv6_network).flatten();
+    let set = RuleSet {
+        masq_v4: v4.filter(|_| opts.ip_masq).map(|cluster| Masq {
+            cluster,
+            pod: lease.key.ipv4,
+        }),
+        masq_v6: match (v6, lease.key.ipv6) {
+            (Some(cluster), Some(pod)) if opts.ip_masq => Some(Masq { cluster, pod }),
+            _ => None,
+        },
+        forward_v4: v4.filter(|_| opts.iptables_forward_rules),
+        forward_v6: v6.filter(|_| opts.iptables_forward_rules),
+        random_fully,
+    };
+    if set == RuleSet::default() {
+        return Ok(());
+    }
+    manager
+        .apply(&set)
+        .await
+        .context("Failed to setup masq/forward rules")?;
+    tracing::info!("traffic rules installed");
+    let period = resync_period(opts);
+    tasks.spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            match manager.is_current(&set).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("flannel's firewall rules were changed; restoring them");
+                    if let Err(e) = manager.apply(&set).await {
+                        tracing::error!("{e}");
+                    }
+                }
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Keeps `blackhole <own subnet>` routes (for set-ups without the bridge plugin).
+async fn keep_blackhole_routes(nl: Netlink, lease: Lease, period: Duration) {
+    let mut wanted = vec![RouteSpec {
+        dst: IpNet::V4(lease.key.ipv4),
+        gateway: None,
+        oif: None,
+        onlink: false,
+        blackhole: true,
+    }];
+    if let Some(v6) = lease.key.ipv6 {
+        wanted.push(RouteSpec {
+            dst: IpNet::V6(v6),
+            gateway: None,
+            oif: None,
+            onlink: false,
+            blackhole: true,
+        });
+    }
+    loop {
+        for w in &wanted {
+            let present = nl
+                .routes(w.dst.addr().is_ipv6())
+                .await
+                .map(|rs| rs.iter().any(|r| w.matches(r)))
+                .unwrap_or(false);
+            if !present {
+                match nl.replace_route(w).await {
+                    Ok(()) => tracing::info!("blackhole route {} installed", w.dst),
+                    Err(e) => tracing::error!("Failed to setup blackhole route, {e}"),
+                }
+            }
+        }
+        tokio::time::sleep(period).await;
+    }
 }
 
 /// Renews the lease before it expires and watches it; returns when it is revoked.

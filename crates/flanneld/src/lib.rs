@@ -8,6 +8,7 @@ pub mod health;
 pub mod iface;
 pub mod lease;
 pub mod netlink;
+pub mod rules;
 pub mod store;
 
 /// The version printed by `--version`.
