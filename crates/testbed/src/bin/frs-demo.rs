@@ -1,39 +1,100 @@
-//! The README's main job: a local flannel-rs cluster in network namespaces.
+//! The README's main job: a local 3-host flannel-rs cluster in network namespaces.
 //!
-//! Starts a real etcd and flanneld (alloc backend) on a namespace host, prints the lease as
-//! stored in etcd and the subnet.env flanneld wrote, then tears everything down.
+//! Brings up an underlay, etcd and one flanneld per host (vxlan by default, `--backend NAME` to
+//! choose), attaches two pods per host through the reference CNI plugins, prints every host's
+//! lease and a pod-to-pod ping matrix, then tears it all down.
 
 use std::time::Duration;
 
 use testbed::fixture::PREFIX;
-use testbed::EtcdHost;
+use testbed::Cluster;
 
 fn main() {
     testbed::require_root();
-    let world = EtcdHost::new("demo");
-    println!(
-        "== host namespace {} (eth0 {}) with etcd at {}",
-        world.host.ns.name(),
-        world.host.ip,
-        world.etcd.url()
-    );
-    let config = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#;
-    world.put_config(config);
-    println!("== network config {PREFIX}/config = {config}");
-    let mut flanneld = world.flanneld(&[]);
-    let env = flanneld.wait_subnet_env(&world.subnet_file(), Duration::from_secs(30));
-    println!("== lease in etcd");
-    for key in world.lease_keys() {
-        let value = world.etcd.get(&key).unwrap_or_default();
-        let ttl = world.etcd.ttl(&key);
-        println!("{key} = {value}   (TTL {ttl} s)");
+    let mut backend = "vxlan".to_string();
+    let mut hosts = 3usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--backend" => backend = args.next().expect("--backend NAME"),
+            "--hosts" => hosts = args.next().and_then(|n| n.parse().ok()).expect("--hosts N"),
+            "-h" | "--help" => {
+                println!("usage: frs-demo [--backend vxlan|host-gw|alloc] [--hosts N]");
+                return;
+            }
+            other => {
+                eprintln!("unknown argument {other:?}; try --help");
+                std::process::exit(2);
+            }
+        }
     }
-    println!("== {}", world.subnet_file().display());
-    print!("{env}");
-    let status = flanneld.stop();
+    let mut c = Cluster::new(hosts);
+    let config = format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{backend}"}}}}"#);
+    c.put_config(None, &config);
     println!(
-        "== flanneld stopped with {status}; lease kept: {}",
-        world.lease_keys().len() == 1
+        "== {hosts} hosts on underlay 192.168.100.0/24, etcd at {}",
+        c.etcd.url()
     );
-    println!("== tearing down namespaces");
+    println!("== {PREFIX}/config = {config}");
+    c.start_all(&["--ip-masq"]);
+    for h in 0..hosts {
+        c.add_pod(h);
+        c.add_pod(h);
+    }
+
+    println!("\n== leases");
+    println!(
+        "{:<6} {:<16} {:<16} {:<6} {}",
+        "host", "public ip", "subnet", "mtu", "etcd value"
+    );
+    for (i, h) in c.hosts.iter().enumerate() {
+        let subnet: ipnet::Ipv4Net = c.env_var(i, "FLANNEL_SUBNET").parse().expect("subnet");
+        let subnet = subnet.trunc();
+        let key = format!("{PREFIX}/subnets/{}", subnet.to_string().replace('/', "-"));
+        let value = c.etcd.get(&key).unwrap_or_default();
+        println!(
+            "{:<6} {:<16} {:<16} {:<6} {}",
+            format!("h{}", i + 1),
+            h.ip.to_string(),
+            subnet.to_string(),
+            c.env_var(i, "FLANNEL_MTU"),
+            value
+        );
+    }
+
+    // Give the overlay a moment to converge, then show reachability (no waiting per cell).
+    if backend != "alloc" {
+        c.wait_full_mesh(Duration::from_secs(20));
+    }
+    println!("\n== pod-to-pod ping (ok = answered)");
+    print!("{:<22}", "from \\ to");
+    for p in &c.pods {
+        print!("{:<12}", p.label);
+    }
+    println!();
+    let mut failures = 0;
+    for a in 0..c.pods.len() {
+        print!("{:<22}", format!("{} {}", c.pods[a].label, c.pods[a].ip));
+        for b in 0..c.pods.len() {
+            let cell = if a == b {
+                "-"
+            } else if c.ping(a, c.pods[b].ip) {
+                "ok"
+            } else {
+                failures += 1;
+                "FAIL"
+            };
+            print!("{cell:<12}");
+        }
+        println!();
+    }
+    println!(
+        "\n== {} of {} pairs reachable; tearing everything down",
+        c.pods.len() * (c.pods.len() - 1) - failures,
+        c.pods.len() * (c.pods.len() - 1)
+    );
+    drop(c);
+    if failures > 0 && backend != "alloc" {
+        std::process::exit(1);
+    }
 }
