@@ -44,8 +44,8 @@ fn main() {
 
     println!("\n== leases");
     println!(
-        "{:<6} {:<16} {:<16} {:<6} {}",
-        "host", "public ip", "subnet", "mtu", "etcd value"
+        "{:<6} {:<16} {:<16} {:<6} etcd value",
+        "host", "public ip", "subnet", "mtu"
     );
     for (i, h) in c.hosts.iter().enumerate() {
         let subnet: ipnet::Ipv4Net = c.env_var(i, "FLANNEL_SUBNET").parse().expect("subnet");
