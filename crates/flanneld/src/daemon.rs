@@ -21,7 +21,7 @@ use crate::netlink::{Netlink, RouteSpec};
 use crate::rules::{self, Masq, RuleSet};
 use crate::store::etcd::{EtcdSettings, EtcdStore};
 use crate::store::{OwnLeaseEvent, SubnetStore};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// Why the daemon stopped without an error (exit status 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,12 +313,12 @@ async fn setup_traffic_rules(
         && (config.enable_nftables || rules::iptables::supports_random_fully().await);
     let v4 = config.enable_ipv4.then_some(config.network).flatten();
     let v6 = config.enable_ipv6.then_some(config.ipv6_network).flatten();
-    let set = RuleSet {
-        masq_v4: v4.filter(|_| opts.ip_masq).map(|cluster| Masq {
-            cluster,
-            pod: lease.key.ipv4,
-        }),
-        masq_v6: match (v6, lease.key.ipv6) {
+    let build = |v4: Option<Ipv4Net>, pod4: Option<Ipv4Net>, v6: Option<Ipv6Net>, pod6| RuleSet {
+        masq_v4: match (v4, pod4) {
+            (Some(cluster), Some(pod)) if opts.ip_masq => Some(Masq { cluster, pod }),
+            _ => None,
+        },
+        masq_v6: match (v6, pod6) {
             (Some(cluster), Some(pod)) if opts.ip_masq => Some(Masq { cluster, pod }),
             _ => None,
         },
@@ -326,11 +326,15 @@ async fn setup_traffic_rules(
         forward_v6: v6.filter(|_| opts.iptables_forward_rules),
         random_fully,
     };
+    let set = build(v4, Some(lease.key.ipv4), v6, lease.key.ipv6);
+    // The rules of the previous run (from the old subnet.env) are removed if they differ.
+    let previous =
+        previous_network(&opts.subnet_file).map(|(n4, s4, n6, s6)| build(n4, s4, n6, s6));
     if set == RuleSet::default() {
         return Ok(());
     }
     manager
-        .apply(&set)
+        .apply(&set, previous.as_ref().filter(|p| **p != set))
         .await
         .context("Failed to setup masq/forward rules")?;
     tracing::info!("traffic rules installed");
@@ -342,7 +346,7 @@ async fn setup_traffic_rules(
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!("flannel's firewall rules were changed; restoring them");
-                    if let Err(e) = manager.apply(&set).await {
+                    if let Err(e) = manager.apply(&set, None).await {
                         tracing::error!("{e}");
                     }
                 }
@@ -351,6 +355,39 @@ async fn setup_traffic_rules(
         }
     });
     Ok(())
+}
+
+/// (IPv4 network, IPv4 subnet, IPv6 network, IPv6 subnet) of a subnet.env.
+type RecordedNetwork = (
+    Option<Ipv4Net>,
+    Option<Ipv4Net>,
+    Option<Ipv6Net>,
+    Option<Ipv6Net>,
+);
+
+/// Network and subnet recorded in an existing subnet.env (before we overwrite it).
+fn previous_network(path: &str) -> Option<RecordedNetwork> {
+    use flannel_types::subnet_env::{cidrs_from_env, read_dotenv};
+    let text = std::fs::read_to_string(path).ok()?;
+    let vars = read_dotenv(&text);
+    let one = |key: &str| match cidrs_from_env(&vars, key).as_slice() {
+        [n] => Some(*n),
+        _ => None,
+    };
+    let v4 = |n: Option<IpNet>| match n {
+        Some(IpNet::V4(n)) => Some(n),
+        _ => None,
+    };
+    let v6 = |n: Option<IpNet>| match n {
+        Some(IpNet::V6(n)) => Some(n),
+        _ => None,
+    };
+    Some((
+        v4(one("FLANNEL_NETWORK")),
+        v4(one("FLANNEL_SUBNET")),
+        v6(one("FLANNEL_IPV6_NETWORK")),
+        v6(one("FLANNEL_IPV6_SUBNET")),
+    ))
 }
 
 /// Keeps `blackhole <own subnet>` routes (for set-ups without the bridge plugin).

@@ -203,3 +203,123 @@ fn blackhole_route_is_kept() {
         ns.ip(&["route"]).contains(&want).then_some(())
     });
 }
+
+fn chain_lines(w: &EtcdHost, table: &str, chain: &str) -> Vec<String> {
+    w.host
+        .ns
+        .run("iptables", &["-t", table, "-S", chain])
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn two_networks_on_one_host_keep_both_rule_sets() {
+    let w = EtcdHost::new("iptmulti");
+    w.etcd.put(
+        "/a/network/config",
+        r#"{"Network":"10.11.0.0/16","Backend":{"Type":"alloc"}}"#,
+    );
+    w.etcd.put(
+        "/b/network/config",
+        r#"{"Network":"10.12.0.0/16","Backend":{"Type":"alloc"}}"#,
+    );
+    let mut daemons = vec![];
+    for (prefix, file) in [("/a/network", "a.env"), ("/b/network", "b.env")] {
+        let path = w.dir.join(file);
+        let mut f = testbed::Flanneld::start(
+            &w.host.ns,
+            w.dir.path(),
+            &[
+                format!("--etcd-endpoints={}", w.etcd.url()),
+                format!("--etcd-prefix={prefix}"),
+                format!("--subnet-file={}", path.display()),
+                "--ip-masq".into(),
+                "--iptables-resync=1".into(),
+            ],
+        );
+        f.wait_log("traffic rules installed", T);
+        daemons.push(f);
+    }
+    let has_both = |lines: &[String]| {
+        lines.iter().any(|l| l.contains("10.11.0.0/16"))
+            && lines.iter().any(|l| l.contains("10.12.0.0/16"))
+    };
+    let before = chain_lines(&w, "nat", "FLANNEL-POSTRTG");
+    assert!(has_both(&before), "{before:?}");
+    assert!(has_both(&chain_lines(&w, "filter", "FLANNEL-FWD")));
+    // Several resync periods later nothing has moved: the daemons do not fight.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(chain_lines(&w, "nat", "FLANNEL-POSTRTG"), before);
+    for f in &daemons {
+        assert!(!f.log().contains("were changed; restoring"), "{}", f.log());
+    }
+}
+
+#[test]
+fn changed_network_replaces_the_previous_rules() {
+    let w = EtcdHost::new("iptchange");
+    w.put_config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#);
+    let mut f = w.flanneld(&["--ip-masq"]);
+    f.wait_log("traffic rules installed", T);
+    f.kill();
+    // The operator moves the cluster to another network; the old lease is gone.
+    for k in w.lease_keys() {
+        w.etcd.del(&k);
+    }
+    w.put_config(r#"{"Network":"10.6.0.0/16","Backend":{"Type":"alloc"}}"#);
+    let mut f = w.flanneld(&["--ip-masq"]);
+    f.wait_log("traffic rules installed", T);
+    let pod = pod_subnet(&w);
+    let (nat, _) = iptables_state(&w);
+    assert_eq!(nat, iptables_golden(&pod, "10.6.0.0/16").0);
+    assert!(!chain_lines(&w, "filter", "FLANNEL-FWD")
+        .iter()
+        .any(|l| l.contains("10.5.0.0/16")));
+}
+
+#[test]
+fn two_networks_on_one_host_keep_both_nft_rule_sets() {
+    let w = EtcdHost::new("nftmulti");
+    for (prefix, net) in [
+        ("/a/network", "10.11.0.0/16"),
+        ("/b/network", "10.12.0.0/16"),
+    ] {
+        w.etcd.put(
+            &format!("{prefix}/config"),
+            &format!(r#"{{"Network":"{net}","EnableNFTables":true,"Backend":{{"Type":"alloc"}}}}"#),
+        );
+    }
+    let mut daemons = vec![];
+    for (prefix, file) in [("/a/network", "a.env"), ("/b/network", "b.env")] {
+        let path = w.dir.join(file);
+        let mut f = testbed::Flanneld::start(
+            &w.host.ns,
+            w.dir.path(),
+            &[
+                format!("--etcd-endpoints={}", w.etcd.url()),
+                format!("--etcd-prefix={prefix}"),
+                format!("--subnet-file={}", path.display()),
+                "--ip-masq".into(),
+                "--iptables-resync=1".into(),
+            ],
+        );
+        f.wait_log("traffic rules installed", T);
+        daemons.push(f);
+    }
+    let before = nft_chain(&w, "ip", "flannel-ipv4", "postrtg");
+    assert!(
+        before.contains("10.11.0.0/16") && before.contains("10.12.0.0/16"),
+        "{before}"
+    );
+    assert_eq!(
+        before.matches("meta mark 0x00004000 return").count(),
+        1,
+        "{before}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(nft_chain(&w, "ip", "flannel-ipv4", "postrtg"), before);
+    for f in &daemons {
+        assert!(!f.log().contains("were changed; restoring"), "{}", f.log());
+    }
+}

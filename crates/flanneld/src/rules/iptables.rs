@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use super::{run_tool, RuleSet, RulesError, TrafficRules};
+use super::{is_subsequence, run_tool, with_retries, RuleSet, RulesError, TrafficRules};
 
 const MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
 const FWD_CHAIN: &str = "FLANNEL-FWD";
@@ -23,7 +23,9 @@ pub struct TableRules {
     pub chain: &'static str,
     /// The jump rule (without `-A <hook_chain>`).
     pub jump: String,
-    /// The rules of flannel's chain (without `-A <chain>`), in order.
+    /// Rules shared by every flannel network on the host, kept at the top of the chain.
+    pub head: Vec<String>,
+    /// This network's rules of flannel's chain (without `-A <chain>`), in order.
     pub rules: Vec<String>,
 }
 
@@ -32,7 +34,12 @@ impl TableRules {
     pub fn listing(&self) -> Vec<String> {
         let mut v = vec![format!("-A {} {}", self.hook_chain, self.jump)];
         v.push(format!("-N {}", self.chain));
-        v.extend(self.rules.iter().map(|r| format!("-A {} {r}", self.chain)));
+        v.extend(
+            self.head
+                .iter()
+                .chain(&self.rules)
+                .map(|r| format!("-A {} {r}", self.chain)),
+        );
         v
     }
 }
@@ -49,8 +56,10 @@ pub fn masq_rules(cluster: &str, pod: &str, multicast: &str, random_fully: bool)
         hook_chain: "POSTROUTING",
         chain: MASQ_CHAIN,
         jump: format!("{MASQ_COMMENT} -j {MASQ_CHAIN}"),
+        head: vec![format!(
+            "-m mark --mark 0x4000/0x4000 {MASQ_COMMENT} -j RETURN"
+        )],
         rules: vec![
-            format!("-m mark --mark 0x4000/0x4000 {MASQ_COMMENT} -j RETURN"),
             format!("-s {pod} -d {cluster} {MASQ_COMMENT} -j RETURN"),
             format!("-s {cluster} -d {pod} {MASQ_COMMENT} -j RETURN"),
             format!("! -s {cluster} -d {pod} {MASQ_COMMENT} -j RETURN"),
@@ -67,6 +76,7 @@ pub fn forward_rules(cluster: &str) -> TableRules {
         hook_chain: "FORWARD",
         chain: FWD_CHAIN,
         jump: format!("{FWD_COMMENT} -j {FWD_CHAIN}"),
+        head: vec![],
         rules: vec![
             format!("-s {cluster} {FWD_COMMENT} -j ACCEPT"),
             format!("-d {cluster} {FWD_COMMENT} -j ACCEPT"),
@@ -108,18 +118,79 @@ pub fn plan(rules: &RuleSet) -> Vec<(&'static str, TableRules)> {
     v
 }
 
-/// The restore payload that atomically replaces flannel's chain and moves the jump to the end.
-pub fn restore_payload(t: &TableRules, jump_exists: bool) -> String {
-    let mut s = format!("*{}\n:{} - [0:0]\n", t.table, t.chain);
-    if jump_exists {
-        s.push_str(&format!("-D {} {}\n", t.hook_chain, t.jump));
+/// The restore payload that puts our rules in place, touching only what is wrong.
+///
+/// `chain`: the lines `iptables -S <chain>` shows (`None`: the chain does not exist; declaring
+/// an existing chain would flush it, taking other daemons' rules with it). `hook`: the lines of
+/// the hook chain. `stale`: rules of a previous config to delete if present.
+pub fn restore_payload(
+    t: &TableRules,
+    chain: Option<&[String]>,
+    hook: &[String],
+    stale: Option<&TableRules>,
+) -> String {
+    let mut s = format!("*{}\n", t.table);
+    let lines: Vec<String> = chain.map(|c| c.to_vec()).unwrap_or_default();
+    if chain.is_none() {
+        s.push_str(&format!(":{} - [0:0]\n", t.chain));
     }
-    s.push_str(&format!("-A {} {}\n", t.hook_chain, t.jump));
-    for r in &t.rules {
-        s.push_str(&format!("-A {} {r}\n", t.chain));
+    let line = |r: &String| format!("-A {} {r}", t.chain);
+    let count = |r: &String| lines.iter().filter(|l| **l == line(r)).count();
+    if let Some(old) = stale {
+        for r in &old.rules {
+            if !t.rules.contains(r) && !t.head.contains(r) {
+                for _ in 0..count(r) {
+                    s.push_str(&format!("-D {} {r}\n", t.chain));
+                }
+            }
+        }
+    }
+    let jump = format!("-A {} {}", t.hook_chain, t.jump);
+    if !hook.contains(&jump) {
+        s.push_str(&format!("{jump}\n"));
+    }
+    if !head_in_place(t, &lines) {
+        for r in &t.head {
+            for _ in 0..count(r) {
+                s.push_str(&format!("-D {} {r}\n", t.chain));
+            }
+        }
+        for r in t.head.iter().rev() {
+            s.push_str(&format!("-I {} 1 {r}\n", t.chain));
+        }
+    }
+    if !rules_in_place(t, &lines) {
+        for r in &t.rules {
+            for _ in 0..count(r) {
+                s.push_str(&format!("-D {} {r}\n", t.chain));
+            }
+        }
+        for r in &t.rules {
+            s.push_str(&format!("{}\n", line(r)));
+        }
     }
     s.push_str("COMMIT\n");
     s
+}
+
+/// The chain's first rules are the shared head rules.
+fn head_in_place(t: &TableRules, chain: &[String]) -> bool {
+    let rules: Vec<&String> = chain.iter().filter(|l| l.starts_with("-A ")).collect();
+    t.head.len() <= rules.len()
+        && t.head
+            .iter()
+            .zip(rules)
+            .all(|(h, l)| *l == format!("-A {} {h}", t.chain))
+}
+
+/// This network's rules are all in the chain, in order.
+fn rules_in_place(t: &TableRules, chain: &[String]) -> bool {
+    let want: Vec<String> = t
+        .rules
+        .iter()
+        .map(|r| format!("-A {} {r}", t.chain))
+        .collect();
+    is_subsequence(&want, chain)
 }
 
 fn restore_program(program: &str) -> &'static str {
@@ -137,10 +208,20 @@ async fn listing(program: &str, table: &str, chain: &str) -> Option<Vec<String>>
         .map(|out| out.lines().map(str::to_string).collect())
 }
 
-async fn jump_present(program: &str, t: &TableRules) -> bool {
-    listing(program, t.table, t.hook_chain)
-        .await
-        .is_some_and(|lines| lines.contains(&format!("-A {} {}", t.hook_chain, t.jump)))
+/// Whether all of `t` is in place: the jump in the hook chain, our rules in order in the chain.
+async fn in_place(program: &str, t: &TableRules) -> bool {
+    let (Some(hook), Some(chain)) = (
+        listing(program, t.table, t.hook_chain).await,
+        listing(program, t.table, t.chain).await,
+    ) else {
+        return false;
+    };
+    let want: Vec<String> = t
+        .rules
+        .iter()
+        .map(|r| format!("-A {} {r}", t.chain))
+        .collect();
+    hook.contains(&format!("-A {} {}", t.hook_chain, t.jump)) && is_subsequence(&want, &chain)
 }
 
 /// Whether `--random-fully` is available (iptables >= 1.6.2).
@@ -168,13 +249,32 @@ impl TrafficRules for IpTables {
         }
     }
 
-    async fn apply(&self, rules: &RuleSet) -> Result<(), RulesError> {
+    async fn apply(&self, rules: &RuleSet, previous: Option<&RuleSet>) -> Result<(), RulesError> {
+        let old_plan = previous.map(plan).unwrap_or_default();
         for (program, t) in plan(rules) {
-            let payload = restore_payload(&t, jump_present(program, &t).await);
-            run_tool(
-                restore_program(program),
-                &["--noflush", "--wait"],
-                Some(&payload),
+            let stale = old_plan
+                .iter()
+                .find(|(p, o)| *p == program && o.chain == t.chain && o.rules != t.rules)
+                .map(|(_, o)| o.clone());
+            if stale.is_none() && in_place(program, &t).await {
+                continue;
+            }
+            with_retries(
+                &format!("{} {}", restore_program(program), t.table),
+                || async {
+                    let chain = listing(program, t.table, t.chain).await;
+                    let hook = listing(program, t.table, t.hook_chain)
+                        .await
+                        .unwrap_or_default();
+                    let payload = restore_payload(&t, chain.as_deref(), &hook, stale.as_ref());
+                    run_tool(
+                        restore_program(program),
+                        &["--noflush", "--wait"],
+                        Some(&payload),
+                    )
+                    .await
+                    .map(|_| ())
+                },
             )
             .await?;
         }
@@ -183,11 +283,7 @@ impl TrafficRules for IpTables {
 
     async fn is_current(&self, rules: &RuleSet) -> Result<bool, RulesError> {
         for (program, t) in plan(rules) {
-            let Some(chain) = listing(program, t.table, t.chain).await else {
-                return Ok(false);
-            };
-            let want: Vec<String> = t.listing()[1..].to_vec();
-            if chain != want || !jump_present(program, &t).await {
+            if !in_place(program, &t).await {
                 return Ok(false);
             }
         }
@@ -203,13 +299,33 @@ mod tests {
     fn restore_payload_format() {
         let t = forward_rules("10.5.0.0/16");
         assert_eq!(
-            restore_payload(&t, true),
+            restore_payload(&t, None, &[], None),
             "*filter\n:FLANNEL-FWD - [0:0]\n\
-             -D FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n\
              -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n\
              -A FLANNEL-FWD -s 10.5.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
              -A FLANNEL-FWD -d 10.5.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
              COMMIT\n"
         );
+    }
+
+    #[test]
+    fn shared_head_goes_first_and_own_rules_are_appended() {
+        let a = masq_rules("10.11.0.0/16", "10.11.1.0/24", "224.0.0.0/4", true);
+        let b = masq_rules("10.12.0.0/16", "10.12.1.0/24", "224.0.0.0/4", true);
+        let chain: Vec<String> = a.listing()[1..].to_vec();
+        let payload = restore_payload(&b, Some(&chain), &[], None);
+        assert!(
+            !payload.contains(":FLANNEL-POSTRTG"),
+            "must not flush a's rules"
+        );
+        assert!(
+            !payload.contains("-I FLANNEL-POSTRTG"),
+            "head already in place"
+        );
+        assert_eq!(payload.matches("-A FLANNEL-POSTRTG").count(), 5);
+        let mut both = chain.clone();
+        both.extend(b.rules.iter().map(|r| format!("-A FLANNEL-POSTRTG {r}")));
+        assert!(head_in_place(&a, &both) && rules_in_place(&a, &both));
+        assert!(head_in_place(&b, &both) && rules_in_place(&b, &both));
     }
 }

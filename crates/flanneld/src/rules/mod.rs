@@ -1,8 +1,10 @@
 //! Traffic rules: masquerade for traffic leaving the overlay, FORWARD accepts for it.
 //!
-//! One implementation per firewall (iptables, nftables) behind [`TrafficRules`]. Both replace
-//! their whole rule set in one kernel transaction, so a restart never leaves a window without
-//! masquerading (the reference flushes first, then refills).
+//! One implementation per firewall (iptables, nftables) behind [`TrafficRules`]. Each daemon owns
+//! only its own rules (several flannel networks on one host share the chains): when all of them
+//! are present in order nothing is touched (a restart changes nothing), otherwise one kernel
+//! transaction deletes ours and re-appends them, so there is never a window without
+//! masquerading (the reference flushes the chain first, then refills it).
 
 pub mod iptables;
 pub mod nftables;
@@ -50,10 +52,11 @@ pub trait TrafficRules: Send + Sync {
     /// Removes what the *other* implementation may have left (switching modes).
     async fn cleanup_other(&self);
 
-    /// Installs `rules`, atomically replacing what flannel had before.
-    async fn apply(&self, rules: &RuleSet) -> Result<(), RulesError>;
+    /// Installs `rules` atomically; `previous` (the rules of the last run's config, from the old
+    /// subnet.env) are removed in the same transaction when they differ.
+    async fn apply(&self, rules: &RuleSet, previous: Option<&RuleSet>) -> Result<(), RulesError>;
 
-    /// Whether the firewall still holds exactly `rules`.
+    /// Whether the firewall holds all of `rules`, in order.
     async fn is_current(&self, rules: &RuleSet) -> Result<bool, RulesError>;
 }
 
@@ -106,4 +109,34 @@ pub(crate) async fn run_tool(
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether `want` appears in `have` in the same relative order (other lines may interleave).
+pub(crate) fn is_subsequence(want: &[String], have: &[String]) -> bool {
+    let mut it = have.iter();
+    want.iter().all(|w| it.any(|h| h == w))
+}
+
+/// Retries a transaction a few times: another daemon may change the chain between our read and
+/// our write, which makes a delete in the transaction fail.
+pub(crate) async fn with_retries<F, Fut>(what: &str, mut f: F) -> Result<(), RulesError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), RulesError>>,
+{
+    let mut last = None;
+    for attempt in 0..5u64 {
+        match f().await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::debug!("{what} attempt {} failed: {e}", attempt + 1);
+                last = Some(e);
+                tokio::time::sleep(std::time::Duration::from_millis(50 * (attempt + 1))).await;
+            }
+        }
+    }
+    Err(last.unwrap_or(RulesError {
+        context: what.to_string(),
+        detail: "failed".into(),
+    }))
 }

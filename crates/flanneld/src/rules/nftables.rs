@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use super::{iptables, run_tool, RuleSet, RulesError, TrafficRules};
+use super::{iptables, is_subsequence, run_tool, with_retries, RuleSet, RulesError, TrafficRules};
 
 /// nftables through the `nft` command.
 pub struct NfTables;
@@ -28,6 +28,9 @@ const V6: Family = Family {
     multicast: "ff00::/8",
 };
 
+/// The rule shared by every flannel network on the host, kept first in `postrtg`.
+const MARK_RULE: &str = "meta mark 0x4000 return";
+
 fn masq_rules(f: &Family, cluster: &str, pod: &str, random_fully: bool) -> Vec<String> {
     let masq = if random_fully {
         "masquerade fully-random"
@@ -36,7 +39,6 @@ fn masq_rules(f: &Family, cluster: &str, pod: &str, random_fully: bool) -> Vec<S
     };
     let fam = f.nft;
     vec![
-        "meta mark 0x4000 return".to_string(),
         format!("{fam} saddr {pod} {fam} daddr {cluster} return"),
         format!("{fam} saddr {cluster} {fam} daddr {pod} return"),
         format!("{fam} saddr != {pod} {fam} daddr {cluster} return"),
@@ -55,13 +57,17 @@ fn forward_rules(f: &Family, cluster: &str) -> Vec<String> {
     ]
 }
 
-/// The chains a rule set needs, per family: (family, chain, rules).
-fn chains(rules: &RuleSet) -> Vec<(&'static Family, &'static str, Vec<String>)> {
+/// A chain's worth of rules: (family, chain, shared head rules, this network's rules).
+type ChainRules = (&'static Family, &'static str, Vec<String>, Vec<String>);
+
+/// The chains a rule set needs.
+fn chains(rules: &RuleSet) -> Vec<ChainRules> {
     let mut v = vec![];
     if let Some(m) = &rules.masq_v4 {
         v.push((
             &V4,
             "postrtg",
+            vec![MARK_RULE.to_string()],
             masq_rules(
                 &V4,
                 &m.cluster.to_string(),
@@ -71,12 +77,13 @@ fn chains(rules: &RuleSet) -> Vec<(&'static Family, &'static str, Vec<String>)> 
         ));
     }
     if let Some(n) = &rules.forward_v4 {
-        v.push((&V4, "forward", forward_rules(&V4, &n.to_string())));
+        v.push((&V4, "forward", vec![], forward_rules(&V4, &n.to_string())));
     }
     if let Some(m) = &rules.masq_v6 {
         v.push((
             &V6,
             "postrtg",
+            vec![MARK_RULE.to_string()],
             masq_rules(
                 &V6,
                 &m.cluster.to_string(),
@@ -86,13 +93,13 @@ fn chains(rules: &RuleSet) -> Vec<(&'static Family, &'static str, Vec<String>)> 
         ));
     }
     if let Some(n) = &rules.forward_v6 {
-        v.push((&V6, "forward", forward_rules(&V6, &n.to_string())));
+        v.push((&V6, "forward", vec![], forward_rules(&V6, &n.to_string())));
     }
     v
 }
 
-/// The `nft -f` script: tables, chains declared, flushed and refilled in one transaction.
-pub fn script(rules: &RuleSet) -> String {
+/// The table and chain declarations (idempotent `add`s) for a rule set.
+fn declarations(rules: &RuleSet) -> String {
     let mut s = String::new();
     for f in [&V4, &V6] {
         s.push_str(&format!(
@@ -100,7 +107,7 @@ pub fn script(rules: &RuleSet) -> String {
             f.nft, f.table, f.table
         ));
     }
-    for (f, chain, body) in chains(rules) {
+    for (f, chain, _, _) in chains(rules) {
         let (hook, comment) = if chain == "postrtg" {
             ("type nat hook postrouting priority srcnat", POSTRTG_COMMENT)
         } else {
@@ -110,8 +117,15 @@ pub fn script(rules: &RuleSet) -> String {
             "add chain {} {} {chain} {{ {hook} ; comment \"{comment}\" ; }}\n",
             f.nft, f.table
         ));
-        s.push_str(&format!("flush chain {} {} {chain}\n", f.nft, f.table));
-        for r in body {
+    }
+    s
+}
+
+/// The `nft -f` script for a fresh host: tables, chains, rules in order.
+pub fn script(rules: &RuleSet) -> String {
+    let mut s = declarations(rules);
+    for (f, chain, head, body) in chains(rules) {
+        for r in head.iter().chain(&body) {
             s.push_str(&format!("add rule {} {} {chain} {r}\n", f.nft, f.table));
         }
     }
@@ -121,6 +135,24 @@ pub fn script(rules: &RuleSet) -> String {
 /// How `nft` prints a rule we wrote (it pads marks to 8 hex digits).
 fn as_listed(rule: &str) -> String {
     rule.replace("meta mark 0x4000 ", "meta mark 0x00004000 ")
+}
+
+/// The rules of a chain as (listed text, handle); `None` if the chain does not exist.
+async fn listed_rules(f: &Family, chain: &str) -> Option<Vec<(String, u64)>> {
+    let out = run_tool("nft", &["-a", "list", "chain", f.nft, f.table, chain], None)
+        .await
+        .ok()?;
+    Some(
+        out.lines()
+            .filter_map(|l| {
+                let (text, handle) = l.trim().rsplit_once(" # handle ")?;
+                if text.starts_with("chain ") || text.starts_with("table ") {
+                    return None;
+                }
+                Some((text.trim().to_string(), handle.trim().parse().ok()?))
+            })
+            .collect(),
+    )
 }
 
 #[async_trait]
@@ -141,6 +173,11 @@ impl TrafficRules for NfTables {
             random_fully: false,
         };
         for (program, t) in iptables::plan(&everything) {
+            let comment = if t.table == "nat" {
+                "flanneld masq"
+            } else {
+                "flanneld forward"
+            };
             let _ = run_tool(
                 program,
                 &[
@@ -152,11 +189,7 @@ impl TrafficRules for NfTables {
                     "-m",
                     "comment",
                     "--comment",
-                    if t.table == "nat" {
-                        "flanneld masq"
-                    } else {
-                        "flanneld forward"
-                    },
+                    comment,
                     "-j",
                     t.chain,
                 ],
@@ -168,32 +201,74 @@ impl TrafficRules for NfTables {
         }
     }
 
-    async fn apply(&self, rules: &RuleSet) -> Result<(), RulesError> {
-        run_tool("nft", &["-f", "-"], Some(&script(rules))).await?;
-        Ok(())
+    async fn apply(&self, rules: &RuleSet, previous: Option<&RuleSet>) -> Result<(), RulesError> {
+        let old = previous.map(chains).unwrap_or_default();
+        with_retries("nft -f -", || async {
+            let mut s = declarations(rules);
+            let mut changes = false;
+            for (f, chain, head, body) in chains(rules) {
+                let head: Vec<String> = head.iter().map(|r| as_listed(r)).collect();
+                let want: Vec<String> = body.iter().map(|r| as_listed(r)).collect();
+                let stale: Vec<String> = old
+                    .iter()
+                    .filter(|(of, oc, _, ob)| of.table == f.table && *oc == chain && *ob != body)
+                    .flat_map(|(_, _, _, ob)| ob.iter().map(|r| as_listed(r)))
+                    .filter(|r| !want.contains(r) && !head.contains(r))
+                    .collect();
+                let present = listed_rules(f, chain).await.unwrap_or_default();
+                let texts: Vec<String> = present.iter().map(|(t, _)| t.clone()).collect();
+                let head_ok = texts.len() >= head.len() && texts[..head.len()] == head[..];
+                let body_ok = is_subsequence(&want, &texts);
+                let doomed = |t: &String| {
+                    stale.contains(t)
+                        || (!head_ok && head.contains(t))
+                        || (!body_ok && want.contains(t))
+                };
+                for (text, handle) in &present {
+                    if doomed(text) {
+                        changes = true;
+                        s.push_str(&format!(
+                            "delete rule {} {} {chain} handle {handle}\n",
+                            f.nft, f.table
+                        ));
+                    }
+                }
+                if !head_ok {
+                    changes = true;
+                    for r in head.iter().rev() {
+                        s.push_str(&format!("insert rule {} {} {chain} {r}\n", f.nft, f.table));
+                    }
+                }
+                if !body_ok {
+                    changes = true;
+                    for r in &body {
+                        s.push_str(&format!("add rule {} {} {chain} {r}\n", f.nft, f.table));
+                    }
+                }
+            }
+            if !changes {
+                let tables = run_tool("nft", &["list", "tables"], None)
+                    .await
+                    .unwrap_or_default();
+                if tables.contains("flannel-ipv4") && tables.contains("flannel-ipv6") {
+                    return Ok(());
+                }
+            }
+            run_tool("nft", &["-f", "-"], Some(&s)).await.map(|_| ())
+        })
+        .await
     }
 
     async fn is_current(&self, rules: &RuleSet) -> Result<bool, RulesError> {
-        for (f, chain, body) in chains(rules) {
-            let Ok(out) = run_tool("nft", &["list", "chain", f.nft, f.table, chain], None).await
-            else {
+        for (f, chain, head, body) in chains(rules) {
+            let Some(present) = listed_rules(f, chain).await else {
                 return Ok(false);
             };
-            let listed: Vec<String> = out
-                .lines()
-                .map(str::trim)
-                .filter(|l| {
-                    !l.is_empty()
-                        && !l.starts_with("table ")
-                        && !l.starts_with("chain ")
-                        && !l.starts_with("comment ")
-                        && !l.starts_with("type ")
-                        && *l != "}"
-                })
-                .map(str::to_string)
-                .collect();
+            let texts: Vec<String> = present.into_iter().map(|(t, _)| t).collect();
+            let head: Vec<String> = head.iter().map(|r| as_listed(r)).collect();
             let want: Vec<String> = body.iter().map(|r| as_listed(r)).collect();
-            if listed != want {
+            let head_ok = texts.len() >= head.len() && texts[..head.len()] == head[..];
+            if !head_ok || !is_subsequence(&want, &texts) {
                 return Ok(false);
             }
         }
