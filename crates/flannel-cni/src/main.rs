@@ -1,25 +1,42 @@
-//! `flannel` CNI plugin (placeholder until its own issue lands): answers VERSION and reports a
-//! clear CNI error for everything else instead of failing obscurely.
+//! `flannel` CNI plugin binary: environment + stdin in, result or error JSON out.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::ExitCode;
 
-const SUPPORTED: &str = r#"["0.1.0","0.2.0","0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]"#;
+use flannel_cni::result::SUPPORTED;
+use flannel_cni::{handle, CniEnv};
 
 fn main() -> ExitCode {
-    let command = std::env::var("CNI_COMMAND").unwrap_or_default();
-    let mut out = std::io::stdout();
-    if command == "VERSION" {
-        let _ = writeln!(
-            out,
-            r#"{{"cniVersion":"1.1.0","supportedVersions":{SUPPORTED}}}"#
+    let env = CniEnv::from_process();
+    if env.command.is_empty() {
+        eprintln!(
+            "CNI Plugin flannel version {} (linux/amd64) commit flannel-rs",
+            env!("CARGO_PKG_VERSION")
         );
+        eprintln!("CNI protocol versions supported: {}", SUPPORTED.join(", "));
         return ExitCode::SUCCESS;
     }
-    let _ = write!(
-        out,
-        r#"{{"code":999,"msg":"the flannel CNI plugin of flannel-rs is not implemented yet (CNI_COMMAND={})"}}"#,
-        command.replace(['"', '\\'], "")
-    );
-    ExitCode::FAILURE
+    let mut stdin = Vec::new();
+    if env.command != "VERSION" {
+        if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+            let err = flannel_cni::error::CniError::new(
+                flannel_cni::error::code::IO,
+                format!("error reading from stdin: {e}"),
+            );
+            print!("{}", err.to_json());
+            return ExitCode::FAILURE;
+        }
+    }
+    let mut out = std::io::stdout();
+    match handle(&env, &stdin) {
+        Ok(Some(text)) => {
+            let _ = out.write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = out.write_all(e.to_json().as_bytes());
+            ExitCode::FAILURE
+        }
+    }
 }

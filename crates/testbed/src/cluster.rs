@@ -12,9 +12,6 @@ use crate::fixture::PREFIX;
 use crate::netns::NetNs;
 use crate::{unique_name, wait_for, Etcd, Flanneld, TempDir};
 
-/// Where the reference CNI plugins are installed (Debian's containernetworking-plugins).
-pub const CNI_PATH: &str = "/usr/lib/cni";
-
 /// A pod: a namespace with `eth0` on its host's `cni0` bridge.
 pub struct Pod {
     /// The pod's namespace.
@@ -169,37 +166,36 @@ impl Cluster {
     }
 
     /// Like [`Self::add_pod`] with an explicit subnet.env and bridge name (several networks).
+    /// The pod is wired by our `flannel` CNI plugin delegating to the reference bridge +
+    /// host-local, exactly as on a Kubernetes node.
     pub fn add_pod_on(&mut self, i: usize, subnet_file: &std::path::Path, bridge: &str) -> usize {
         let n = self.pods.iter().filter(|p| p.host == i).count() + 1;
         let label = format!("h{}/pod{n}", i + 1);
         let pod_ns = NetNs::new(&format!("p{}{}", i + 1, n));
-        let subnet = read_env(subnet_file, "FLANNEL_SUBNET");
-        let network = read_env(subnet_file, "FLANNEL_NETWORK");
-        let mtu = read_env(subnet_file, "FLANNEL_MTU");
-        let range: ipnet::Ipv4Net = subnet.parse().expect("FLANNEL_SUBNET");
         let conf = serde_json::json!({
             "cniVersion": "0.3.1",
             "name": format!("frs-{bridge}"),
-            "type": "bridge",
-            "bridge": bridge,
-            "isGateway": true,
-            "ipMasq": false,
-            "mtu": mtu.parse::<u32>().expect("FLANNEL_MTU"),
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{"subnet": range.trunc().to_string()}]],
-                "routes": [{"dst": network}],
-                "dataDir": self.dir.join(&format!("ipam-h{}", i + 1)).to_string_lossy(),
-            }
+            "type": "flannel",
+            "subnetFile": subnet_file.to_string_lossy(),
+            "dataDir": self.dir.join(&format!("cni-h{}", i + 1)).to_string_lossy(),
+            "delegate": {"bridge": bridge, "hairpinMode": true, "isDefaultGateway": true},
+            "ipam": {"dataDir": self.dir.join(&format!("ipam-h{}", i + 1)).to_string_lossy()},
         });
-        let result = cni_call(
+        let container_id = unique_name("ctr");
+        let out = crate::cni::invoke(
             &self.hosts[i].ns,
-            "ADD",
-            &unique_name("ctr"),
-            pod_ns.name(),
-            &conf.to_string(),
+            &crate::cni::flannel_plugin(),
+            &crate::cni::our_cni_path(),
+            &crate::cni::CniCall {
+                command: "ADD",
+                container_id: &container_id,
+                pod_ns: pod_ns.name(),
+                ifname: "eth0",
+                stdin: &conf.to_string(),
+            },
         );
-        let v: serde_json::Value = serde_json::from_str(&result).expect("CNI result JSON");
+        assert!(out.ok(), "flannel CNI ADD failed: {out:?}");
+        let v = out.json();
         let addr = v["ips"][0]["address"]
             .as_str()
             .expect("CNI result has an IP");
@@ -247,39 +243,4 @@ fn read_env(path: &std::path::Path, key: &str) -> String {
         .find_map(|l| l.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("{key} missing in {}", path.display()))
         .to_string()
-}
-
-/// Runs a reference CNI plugin (`bridge`) in `host` for the pod namespace; returns stdout.
-pub fn cni_call(
-    host: &NetNs,
-    command: &str,
-    container_id: &str,
-    pod_ns: &str,
-    conf: &str,
-) -> String {
-    use std::io::Write;
-    let mut cmd = host.command(format!("{CNI_PATH}/bridge"));
-    cmd.env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container_id)
-        .env("CNI_NETNS", format!("/run/netns/{pod_ns}"))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", CNI_PATH)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("run CNI plugin");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(conf.as_bytes())
-        .expect("write CNI config");
-    let out = child.wait_with_output().expect("CNI plugin output");
-    assert!(
-        out.status.success(),
-        "CNI {command} failed: {} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }

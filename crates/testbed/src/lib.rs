@@ -5,6 +5,7 @@
 //! here adds links, routes, addresses or rules to the root namespace.
 
 pub mod cluster;
+pub mod cni;
 pub mod etcd;
 pub mod fixture;
 pub mod flanneld;
