@@ -592,6 +592,16 @@ impl Netlink {
             .map_err(wrap(format!("failed to set {name} up")))
     }
 
+    /// Sets a link's MTU.
+    pub async fn set_mtu(&self, index: u32, mtu: u32, name: &str) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(wrap(format!("failed to set the MTU of {name} to {mtu}")))
+    }
+
     /// Adds an address to a link (an existing identical address is fine).
     pub async fn add_address(
         &self,

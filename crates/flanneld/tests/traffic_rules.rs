@@ -98,6 +98,7 @@ fn iptables_rules_match_the_reference_and_are_kept() {
     f.kill();
     let mut f = w.flanneld(&args);
     f.wait_log("traffic rules installed", T);
+    f.wait_log("Wrote subnet file", T);
     assert_eq!(iptables_state(&w), golden);
 }
 
@@ -115,6 +116,7 @@ fn nftables_rules_match_the_reference_and_are_kept() {
     let args = ["--ip-masq", "--iptables-resync=1"];
     let mut f = w.flanneld(&args);
     f.wait_log("traffic rules installed", T);
+    f.wait_log("Wrote subnet file", T);
     let pod = pod_subnet(&w);
     let c = "10.5.0.0/16";
     let postrtg = format!(
@@ -182,6 +184,7 @@ fn nftables_rules_match_the_reference_and_are_kept() {
     f.kill();
     let mut f = w.flanneld(&args);
     f.wait_log("traffic rules installed", T);
+    f.wait_log("Wrote subnet file", T);
     assert_eq!(nft_chain(&w, "ip", "flannel-ipv4", "postrtg"), postrtg);
     assert_eq!(nft_chain(&w, "ip", "flannel-ipv4", "forward"), forward);
 }
@@ -239,6 +242,7 @@ fn two_networks_on_one_host_keep_both_rule_sets() {
             ],
         );
         f.wait_log("traffic rules installed", T);
+        f.wait_log("Wrote subnet file", T);
         daemons.push(f);
     }
     let has_both = |lines: &[String]| {
@@ -262,6 +266,7 @@ fn changed_network_replaces_the_previous_rules() {
     w.put_config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#);
     let mut f = w.flanneld(&["--ip-masq"]);
     f.wait_log("traffic rules installed", T);
+    f.wait_log("Wrote subnet file", T);
     f.kill();
     // The operator moves the cluster to another network; the old lease is gone.
     for k in w.lease_keys() {
@@ -270,6 +275,7 @@ fn changed_network_replaces_the_previous_rules() {
     w.put_config(r#"{"Network":"10.6.0.0/16","Backend":{"Type":"alloc"}}"#);
     let mut f = w.flanneld(&["--ip-masq"]);
     f.wait_log("traffic rules installed", T);
+    f.wait_log("Wrote subnet file", T);
     let pod = pod_subnet(&w);
     let (nat, _) = iptables_state(&w);
     assert_eq!(nat, iptables_golden(&pod, "10.6.0.0/16").0);
@@ -305,6 +311,7 @@ fn two_networks_on_one_host_keep_both_nft_rule_sets() {
             ],
         );
         f.wait_log("traffic rules installed", T);
+        f.wait_log("Wrote subnet file", T);
         daemons.push(f);
     }
     let before = nft_chain(&w, "ip", "flannel-ipv4", "postrtg");

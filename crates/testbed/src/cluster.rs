@@ -128,6 +128,11 @@ impl Cluster {
 
     /// Starts flanneld on host `i` with `extra` flags and waits for its subnet.env.
     pub fn start_flanneld(&mut self, i: usize, extra: &[&str]) -> String {
+        self.start_flanneld_env(i, extra, &[])
+    }
+
+    /// Like [`Self::start_flanneld`] with extra environment variables.
+    pub fn start_flanneld_env(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)]) -> String {
         let h = &mut self.hosts[i];
         let mut args = vec![
             format!("--etcd-endpoints={}", self.etcd.url()),
@@ -135,7 +140,7 @@ impl Cluster {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let _ = std::fs::remove_file(&h.subnet_file);
-        let mut f = Flanneld::start(&h.ns, self.dir.path(), &args);
+        let mut f = Flanneld::start_env(&h.ns, self.dir.path(), &args, env);
         let env = f.wait_subnet_env(&h.subnet_file, Duration::from_secs(60));
         h.flanneld = Some(f);
         env

@@ -124,6 +124,23 @@ impl NetNs {
         self.run("ip", args)
     }
 
+    /// Sends one UDP datagram from inside the namespace (a thread joins it with setns).
+    pub fn udp_send(&self, to: std::net::SocketAddrV4, payload: &[u8]) {
+        let path = format!("/run/netns/{}", self.name);
+        let payload = payload.to_vec();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this short-lived thread only; the fd is valid.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns failed: {}", std::io::Error::last_os_error());
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            sock.send_to(&payload, to).expect("send");
+        })
+        .join()
+        .expect("udp_send thread");
+    }
+
     /// Spawns a long-running process in the namespace.
     pub fn spawn(&self, mut cmd: Command) -> Child {
         cmd.spawn()

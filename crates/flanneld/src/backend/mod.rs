@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod hostgw;
+pub mod udp;
 pub mod vxlan;
 
 use std::sync::Arc;
@@ -87,6 +88,7 @@ pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
     match backend_type {
         "alloc" => Ok(alloc::AllocBackend::create),
         "host-gw" => Ok(hostgw::HostGwBackend::create),
+        "udp" => Ok(udp::UdpBackend::create),
         "vxlan" => Ok(vxlan::VxlanBackend::create),
         other => Err(BackendError::UnknownType(other.to_string())),
     }

@@ -1,8 +1,10 @@
 //! Benchmark: pod-to-pod TCP throughput and ping latency for the bare underlay, host-gw and
 //! vxlan, measured side by side in one run on the test-bed and printed as ratios to the underlay.
 //!
-//! `frs-bench [--seconds N] [--streams N] [--rounds N]`. Each round measures every mode once, in
-//! turn, so machine noise hits all modes alike; the median over rounds is reported.
+//! `frs-bench [--seconds N] [--streams N] [--rounds N] [--modes a,b,..]`. Modes: underlay,
+//! host-gw, vxlan, udp (offload data path), udp-batch, udp-simple (one packet per syscall). Each
+//! round measures every mode once, in turn, so machine noise hits all modes alike; medians over
+//! rounds are reported, with flanneld's CPU time per Gbit for the user-space modes.
 
 use std::net::Ipv4Addr;
 use std::process::Stdio;
@@ -15,6 +17,19 @@ use testbed::Cluster;
 struct Sample {
     gbps: f64,
     rtt_ms: f64,
+    /// flanneld CPU seconds (both hosts) per Gbit transferred.
+    cpu_per_gbit: f64,
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
 }
 
 fn iperf(client: &NetNs, server: &NetNs, dst: Ipv4Addr, seconds: u32, streams: u32) -> f64 {
@@ -79,20 +94,39 @@ fn measure(mode: &str, seconds: u32, streams: u32) -> Sample {
         return Sample {
             gbps: iperf(&a, &b, ip, seconds, streams),
             rtt_ms: ping_ms(&a, ip),
+            cpu_per_gbit: 0.0,
         };
     }
+    let (backend, datapath) = match mode {
+        "udp-batch" => ("udp", "batch"),
+        "udp-simple" => ("udp", "simple"),
+        "udp" => ("udp", "offload"),
+        other => (other, "offload"),
+    };
     c.put_config(
         None,
-        &format!(r#"{{"Network":"10.8.0.0/16","Backend":{{"Type":"{mode}"}}}}"#),
+        &format!(r#"{{"Network":"10.8.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
     );
-    c.start_all(&[]);
+    for h in 0..2 {
+        c.start_flanneld_env(h, &[], &[("FLANNEL_UDP_DATAPATH", datapath)]);
+    }
     let a = c.add_pod(0);
     let b = c.add_pod(1);
     c.wait_full_mesh(Duration::from_secs(20));
     let ip = c.pods[b].ip;
+    let pids: Vec<u32> = (0..2).filter_map(|h| c.flanneld(h).pid()).collect();
+    let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let gbps = iperf(&c.pods[a].ns, &c.pods[b].ns, ip, seconds, streams);
+    let cpu1: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let gbit = gbps * seconds as f64;
     Sample {
-        gbps: iperf(&c.pods[a].ns, &c.pods[b].ns, ip, seconds, streams),
+        gbps,
         rtt_ms: ping_ms(&c.pods[a].ns, ip),
+        cpu_per_gbit: if gbit > 0.0 {
+            (cpu1 - cpu0) / gbit
+        } else {
+            0.0
+        },
     }
 }
 
@@ -106,6 +140,7 @@ fn main() {
     let mut seconds = 5;
     let mut streams = 1;
     let mut rounds = 3;
+    let mut modes_arg = "underlay,host-gw,vxlan".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = || args.next().and_then(|n| n.parse().ok()).expect("a number");
@@ -113,14 +148,20 @@ fn main() {
             "--seconds" => seconds = num(),
             "--streams" => streams = num(),
             "--rounds" => rounds = num(),
+            "--modes" => modes_arg = args.next().expect("--modes a,b,c"),
             _ => {
                 eprintln!("usage: frs-bench [--seconds N] [--streams N] [--rounds N]");
                 std::process::exit(2);
             }
         }
     }
-    let modes = ["underlay", "host-gw", "vxlan"];
-    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); modes.len()];
+    let modes: Vec<&str> = modes_arg.split(',').collect();
+    assert_eq!(
+        modes[0], "underlay",
+        "the first mode must be the underlay (the ratio base)"
+    );
+    let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> =
+        vec![(vec![], vec![], vec![]); modes.len()];
     for round in 1..=rounds {
         for (i, m) in modes.iter().enumerate() {
             let s = measure(m, seconds, streams);
@@ -131,6 +172,7 @@ fn main() {
             );
             results[i].0.push(s.gbps);
             results[i].1.push(s.rtt_ms);
+            results[i].2.push(s.cpu_per_gbit);
         }
     }
     let base_gbps = median(results[0].0.clone());
@@ -139,17 +181,23 @@ fn main() {
         "pod-to-pod TCP ({streams} stream(s), {seconds} s) and ping RTT, median of {rounds} rounds"
     );
     println!(
-        "{:<10} {:>12} {:>10} {:>12} {:>10}",
-        "mode", "Gbit/s", "x underlay", "RTT us", "x underlay"
+        "{:<11} {:>10} {:>10} {:>10} {:>10} {:>14}",
+        "mode", "Gbit/s", "x underlay", "RTT us", "x underlay", "CPU s per Gbit"
     );
     for (i, m) in modes.iter().enumerate() {
         let g = median(results[i].0.clone());
         let r = median(results[i].1.clone());
+        let cpu = median(results[i].2.clone());
         println!(
-            "{m:<10} {g:>12.2} {:>10.2} {:>12.1} {:>10.2}",
+            "{m:<11} {g:>10.2} {:>10.2} {:>10.1} {:>10.2} {:>14}",
             g / base_gbps,
             r * 1000.0,
-            r / base_rtt
+            r / base_rtt,
+            if m.starts_with("udp") {
+                format!("{cpu:.3}")
+            } else {
+                "-".to_string()
+            }
         );
     }
 }

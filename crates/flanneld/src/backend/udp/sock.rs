@@ -1,0 +1,385 @@
+//! The udp backend's UDP socket: batched system calls (recvmmsg/sendmmsg) and the kernel's UDP
+//! segmentation offloads (UDP_SEGMENT to send many equal datagrams in one call, UDP_GRO to
+//! receive them coalesced), each used only when the kernel accepts it.
+//!
+//! On the wire every datagram still carries exactly one IPv4 packet, as Go flannel expects.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// Largest UDP payload the kernel coalesces or segments in one go.
+pub const MAX_GSO_BYTES: usize = 65_000;
+/// Kernel limit of segments per UDP_SEGMENT send.
+pub const MAX_GSO_SEGMENTS: usize = 64;
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain data; all-zero is a valid value.
+    let mut sa: libc::sockaddr_in = unsafe { zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_port = addr.port().to_be();
+    sa.sin_addr.s_addr = u32::from(*addr.ip()).to_be();
+    sa
+}
+
+fn from_sockaddr(sa: &libc::sockaddr_in) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        u16::from_be(sa.sin_port),
+    )
+}
+
+/// A bound IPv4 UDP socket.
+pub struct UdpSock {
+    fd: OwnedFd,
+}
+
+impl AsRawFd for UdpSock {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl UdpSock {
+    /// Binds `addr`; with `reuse_port` several sockets (one per worker) share the port and the
+    /// kernel spreads incoming flows over them.
+    pub fn bind(addr: SocketAddrV4, reuse_port: bool) -> io::Result<Self> {
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = check(unsafe {
+            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+        })?;
+        // SAFETY: fd is a fresh, owned descriptor.
+        let sock = UdpSock {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        };
+        if reuse_port {
+            sock.setsockopt(libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+        }
+        let _ = sock.setsockopt(libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
+        let _ = sock.setsockopt(libc::SOL_SOCKET, libc::SO_SNDBUF, 4 << 20);
+        let sa = sockaddr(addr);
+        // SAFETY: sa is a valid sockaddr_in for the duration of the call.
+        check(unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        })?;
+        Ok(sock)
+    }
+
+    fn setsockopt(
+        &self,
+        level: libc::c_int,
+        name: libc::c_int,
+        value: libc::c_int,
+    ) -> io::Result<()> {
+        // SAFETY: value lives across the call; the length matches its type.
+        check(unsafe {
+            libc::setsockopt(
+                self.as_raw_fd(),
+                level,
+                name,
+                &value as *const _ as *const libc::c_void,
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// Asks the kernel to coalesce received datagrams (UDP GRO); `false` if unsupported.
+    pub fn enable_gro(&self) -> bool {
+        self.setsockopt(SOL_UDP, UDP_GRO, 1).is_ok()
+    }
+
+    /// Whether UDP_SEGMENT (send-side segmentation) is available.
+    pub fn gso_supported(&self) -> bool {
+        self.setsockopt(SOL_UDP, UDP_SEGMENT, 0).is_ok()
+    }
+
+    /// Sends one datagram.
+    pub fn send_to(&self, buf: &[u8], dst: SocketAddrV4) -> io::Result<usize> {
+        let sa = sockaddr(dst);
+        // SAFETY: buf and sa are valid for the call.
+        let n = unsafe {
+            libc::sendto(
+                self.as_raw_fd(),
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                0,
+                &sa as *const _ as *const libc::sockaddr,
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Receives one datagram without blocking (`WouldBlock` when none is queued).
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is valid for writes of its length.
+        let n = unsafe {
+            libc::recv(
+                self.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+/// Reusable state for receiving many (possibly GRO-coalesced) datagrams in one recvmmsg.
+pub struct MultiRecv {
+    bufs: Vec<Vec<u8>>,
+    iovs: Vec<libc::iovec>,
+    names: Vec<libc::sockaddr_in>,
+    ctrl: Vec<[u64; 8]>,
+    hdrs: Vec<libc::mmsghdr>,
+    /// Bytes received per message.
+    pub lens: Vec<usize>,
+    /// Segment size per message (the GRO size, or the length when not coalesced).
+    pub seg: Vec<usize>,
+}
+
+// The raw pointers in the headers point into this struct's own heap buffers.
+unsafe impl Send for MultiRecv {}
+
+impl MultiRecv {
+    /// Room for `batch` messages of up to `size` bytes each.
+    pub fn new(batch: usize, size: usize) -> Self {
+        let mut r = MultiRecv {
+            bufs: (0..batch).map(|_| vec![0u8; size]).collect(),
+            // SAFETY: these C structs are plain data; zero is valid and every pointer is set
+            // before use.
+            iovs: vec![unsafe { zeroed() }; batch],
+            names: vec![unsafe { zeroed() }; batch],
+            ctrl: vec![[0u64; 8]; batch],
+            hdrs: vec![unsafe { zeroed() }; batch],
+            lens: vec![0; batch],
+            seg: vec![0; batch],
+        };
+        for i in 0..batch {
+            r.iovs[i].iov_base = r.bufs[i].as_mut_ptr() as *mut libc::c_void;
+            r.iovs[i].iov_len = r.bufs[i].len();
+        }
+        r
+    }
+
+    /// Received message `i`.
+    pub fn buf(&mut self, i: usize) -> &mut [u8] {
+        let n = self.lens[i];
+        &mut self.bufs[i][..n]
+    }
+
+    /// Sender of message `i`.
+    pub fn source(&self, i: usize) -> SocketAddrV4 {
+        from_sockaddr(&self.names[i])
+    }
+
+    /// Takes whatever is queued, without blocking (`WouldBlock` when nothing is); returns how
+    /// many messages.
+    pub fn recv(&mut self, sock: &UdpSock) -> io::Result<usize> {
+        let batch = self.bufs.len();
+        for i in 0..batch {
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = &mut self.names[i] as *mut _ as *mut libc::c_void;
+            h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.ctrl[i].as_mut_ptr() as *mut libc::c_void;
+            h.msg_controllen = size_of::<[u64; 8]>();
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        // SAFETY: every header points at live buffers owned by self.
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                batch as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        for i in 0..n {
+            let len = self.hdrs[i].msg_len as usize;
+            self.lens[i] = len;
+            self.seg[i] = gro_size(&self.hdrs[i].msg_hdr).unwrap_or(len);
+        }
+        Ok(n)
+    }
+}
+
+fn gro_size(h: &libc::msghdr) -> Option<usize> {
+    // SAFETY: the control buffer was filled by the kernel; CMSG_* walk it within its length.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                return (v > 0).then_some(v as usize);
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
+}
+
+/// Reusable state for sending many datagrams (each group optionally one UDP_SEGMENT send) in
+/// one sendmmsg.
+pub struct MultiSend {
+    iovs: Vec<libc::iovec>,
+    names: Vec<libc::sockaddr_in>,
+    ctrl: Vec<[u64; 4]>,
+    hdrs: Vec<libc::mmsghdr>,
+    /// (first iov, iov count, segment size) per message.
+    msgs: Vec<(usize, usize, usize)>,
+}
+
+unsafe impl Send for MultiSend {}
+
+impl Default for MultiSend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MultiSend {
+    /// Empty state; vectors grow to the largest batch once and are reused.
+    pub fn new() -> Self {
+        MultiSend {
+            iovs: Vec::with_capacity(256),
+            names: Vec::with_capacity(256),
+            ctrl: Vec::with_capacity(256),
+            hdrs: Vec::with_capacity(256),
+            msgs: Vec::with_capacity(256),
+        }
+    }
+
+    /// Forgets the queued messages.
+    pub fn clear(&mut self) {
+        self.iovs.clear();
+        self.names.clear();
+        self.msgs.clear();
+    }
+
+    /// Number of queued messages.
+    pub fn len(&self) -> usize {
+        self.msgs.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
+    }
+
+    /// Queues `segments` (each one datagram) for `dst`; more than one segment is sent with
+    /// UDP_SEGMENT = the first segment's size (the caller guarantees equal sizes, except a
+    /// shorter last one). The slices must stay valid until [`Self::flush`].
+    pub fn push(&mut self, dst: SocketAddrV4, segments: &[&[u8]]) {
+        let first = self.iovs.len();
+        for s in segments {
+            self.iovs.push(libc::iovec {
+                iov_base: s.as_ptr() as *mut libc::c_void,
+                iov_len: s.len(),
+            });
+        }
+        self.names.push(sockaddr(dst));
+        let seg = if segments.len() > 1 {
+            segments[0].len()
+        } else {
+            0
+        };
+        self.msgs.push((first, segments.len(), seg));
+    }
+
+    /// Sends everything queued; returns the number of messages the kernel took.
+    pub fn flush(&mut self, sock: &UdpSock) -> io::Result<usize> {
+        let n = self.msgs.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        // SAFETY: plain data structs, fully initialised below.
+        self.hdrs.resize(n, unsafe { zeroed() });
+        self.ctrl.resize(n, [0u64; 4]);
+        for (i, &(first, count, seg)) in self.msgs.iter().enumerate() {
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = &mut self.names[i] as *mut _ as *mut libc::c_void;
+            h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovs[first];
+            h.msg_iovlen = count;
+            h.msg_flags = 0;
+            if seg > 0 {
+                h.msg_control = self.ctrl[i].as_mut_ptr() as *mut libc::c_void;
+                // SAFETY: CMSG_SPACE of a u16 fits in the 32-byte control buffer.
+                unsafe {
+                    h.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as usize;
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg as u16);
+                }
+            } else {
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+            }
+            self.hdrs[i].msg_len = 0;
+        }
+        let mut sent = 0;
+        let mut first_error = None;
+        while sent < n {
+            // SAFETY: headers point at buffers the caller keeps alive until flush returns.
+            let r = unsafe {
+                libc::sendmmsg(
+                    sock.as_raw_fd(),
+                    self.hdrs[sent..].as_mut_ptr(),
+                    (n - sent) as libc::c_uint,
+                    0,
+                )
+            };
+            if r < 0 {
+                // Skip the message the kernel refused and carry on with the rest.
+                first_error.get_or_insert(io::Error::last_os_error());
+                sent += 1;
+                continue;
+            }
+            if r == 0 {
+                break;
+            }
+            sent += r as usize;
+        }
+        self.clear();
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(sent),
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! udp backend end to end: TUN + user-space encapsulation across namespace hosts, the wire
+//! format, TTL and ICMP behaviour, lease changes, and restarts that keep TCP flows alive.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::Stdio;
+use std::time::Duration;
+
+use testbed::fixture::PREFIX;
+use testbed::{wait_for, Cluster};
+
+const T: Duration = Duration::from_secs(30);
+const SEED: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0","SubnetMax":"10.99.0.0","Backend":{"Type":"udp","Port":7890}}"#;
+
+fn subnet_of(c: &Cluster, i: usize) -> ipnet::Ipv4Net {
+    let n: ipnet::Ipv4Net = c.env_var(i, "FLANNEL_SUBNET").parse().unwrap();
+    n.trunc()
+}
+
+fn udp_cluster(n: usize) -> Cluster {
+    let mut c = Cluster::new(n);
+    c.put_config(None, SEED);
+    // As deployed: flanneld masquerades, so the bridge does not (pod sources stay visible).
+    c.start_all(&["--ip-masq"]);
+    c
+}
+
+/// Captures one packet with tcpdump in `ns` on `dev` matching `filter`, as raw bytes (from the
+/// link layer for eth0, from IP for flannel0). `trigger` runs once tcpdump listens.
+fn capture(ns: &testbed::NetNs, dev: &str, filter: &str, trigger: impl FnOnce()) -> Vec<u8> {
+    let child = ns
+        .command("tcpdump")
+        .args(["-i", dev, "-n", "-c", "1", "-x", "-l", "-Q", "in", filter])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump (apt-get install tcpdump)");
+    std::thread::sleep(Duration::from_millis(700));
+    trigger();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut bytes = vec![];
+    for line in text.lines().filter(|l| l.trim_start().starts_with("0x")) {
+        for word in line.split(':').nth(1).unwrap_or("").split_whitespace() {
+            for i in (0..word.len()).step_by(2) {
+                bytes.push(u8::from_str_radix(&word[i..i + 2], 16).unwrap());
+            }
+        }
+    }
+    bytes
+}
+
+#[test]
+fn seed_config_three_hosts_ping_and_tcp() {
+    let mut c = udp_cluster(2);
+    for h in 0..2 {
+        c.add_pod(h);
+    }
+    c.wait_full_mesh(T);
+    // Lease: PublicIP only (Go writes no BackendType for udp).
+    let key = format!(
+        "{PREFIX}/subnets/{}",
+        subnet_of(&c, 0).to_string().replace('/', "-")
+    );
+    assert_eq!(
+        c.etcd.get(&key).unwrap(),
+        r#"{"PublicIP":"192.168.100.11","PublicIPv6":null}"#
+    );
+    assert_eq!(subnet_of(&c, 0).prefix_len(), 20);
+    let ns = c.hosts[0].ns.clone();
+    let link = ns.ip(&["link", "show", "flannel0"]);
+    assert!(link.contains("mtu 1472"), "{link}");
+    assert_eq!(c.env_var(0, "FLANNEL_MTU"), "1472");
+    assert!(ns.ip(&["route"]).contains("10.0.0.0/8 dev flannel0"));
+    assert!(ns
+        .ip(&["addr", "show", "flannel0"])
+        .contains(&format!("{}/32", subnet_of(&c, 0).network())));
+    // A third host joins later: the running data paths learn its route.
+    let h3 = c.add_host();
+    c.start_flanneld(h3, &["--ip-masq"]);
+    c.add_pod(h3);
+    c.wait_full_mesh(T);
+    // TCP across hosts.
+    let server = c.pods[2]
+        .ns
+        .command("iperf3")
+        .args(["-s", "-1"])
+        .stdout(Stdio::null())
+        .spawn();
+    let mut server = server.unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let ip = c.pods[2].ip.to_string();
+    let out = c.pods[0].ns.exec("iperf3", &["-c", &ip, "-t", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let _ = server.wait();
+}
+
+#[test]
+fn wire_format_is_the_raw_ipv4_packet_in_udp() {
+    let mut c = udp_cluster(2);
+    let a = c.add_pod(0);
+    let b = c.add_pod(1);
+    c.wait_full_mesh(T);
+    let (pa, pb) = (c.pods[a].ip, c.pods[b].ip);
+    let h2 = c.hosts[1].ns.clone();
+    let frame = capture(&h2, "eth0", "udp dst port 7890", || {
+        c.ping(a, pb);
+    });
+    // tcpdump -x starts at the IP header: IPv4 (20) + UDP (8) + inner IPv4.
+    assert!(frame.len() > 28 + 20, "{frame:?}");
+    assert_eq!(frame[9], 17, "outer packet is UDP");
+    let udp = &frame[20..];
+    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 7890);
+    assert_eq!(
+        u16::from_be_bytes([udp[0], udp[1]]),
+        7890,
+        "sent from the udp port"
+    );
+    let inner = &udp[8..];
+    assert_eq!(inner[0], 0x45, "payload is a bare IPv4 header");
+    assert_eq!(inner[9], 1, "ICMP");
+    assert_eq!(&inner[12..16], &pa.octets());
+    assert_eq!(&inner[16..20], &pb.octets());
+    // 64 from the pod, -1 by the host's forwarding, -1 by our sender.
+    assert_eq!(inner[8], 62);
+}
+
+fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
+    let mut p = vec![0u8; 28];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&28u16.to_be_bytes());
+    p[8] = ttl;
+    p[9] = 1;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let csum = |d: &[u8]| {
+        let mut s: u32 = d
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+            .sum();
+        while s >> 16 != 0 {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    };
+    let h = csum(&p[..20]);
+    p[10..12].copy_from_slice(&h.to_be_bytes());
+    p[20] = 8; // echo request
+    p[24..26].copy_from_slice(&0x4242u16.to_be_bytes());
+    let i = csum(&p[20..]);
+    p[22..24].copy_from_slice(&i.to_be_bytes());
+    p
+}
+
+#[test]
+fn hand_made_datagram_comes_out_of_flannel0_with_ttl_decremented() {
+    let mut c = udp_cluster(2);
+    let a = c.add_pod(0);
+    c.add_pod(1);
+    c.wait_full_mesh(T);
+    let pod = c.pods[a].ip;
+    let src = Ipv4Addr::from(u32::from(subnet_of(&c, 1).network()) + 77);
+    let h1 = c.hosts[0].ns.clone();
+    let h2 = c.hosts[1].ns.clone();
+    let to = SocketAddrV4::new(c.hosts[0].ip, 7890);
+    let pkt = capture(
+        &h1,
+        "flannel0",
+        "icmp and net 10.0.0.0/8 and icmp[4:2] == 0x4242",
+        || {
+            h2.udp_send(to, &echo_request(src, pod, 10));
+        },
+    );
+    assert!(pkt.len() >= 28, "nothing came out of flannel0");
+    assert_eq!(&pkt[12..16], &src.octets());
+    assert_eq!(&pkt[16..20], &pod.octets());
+    assert_eq!(pkt[8], 9, "TTL decremented on receive");
+    // TTL 1 is dropped: only the TTL-5 probe sent right after comes out.
+    let pkt = capture(&h1, "flannel0", "icmp and icmp[4:2] == 0x4242", || {
+        h2.udp_send(to, &echo_request(src, pod, 1));
+        std::thread::sleep(Duration::from_millis(200));
+        h2.udp_send(to, &echo_request(src, pod, 5));
+    });
+    assert_eq!(pkt[8], 4, "the TTL-1 datagram must have been dropped");
+}
+
+#[test]
+fn destination_without_lease_gets_icmp_net_unreachable() {
+    let mut c = udp_cluster(1);
+    let a = c.add_pod(0);
+    // 10.200.0.9 is inside 10.0.0.0/8 but nobody holds a lease for it. A TCP connect gets the
+    // ICMP net-unreachable reply at once (a ping would get none: ICMP is never answered with
+    // ICMP, as in the reference).
+    let start = std::time::Instant::now();
+    let out = c.pods[a].ns.exec(
+        "timeout",
+        &["5", "bash", "-c", "exec 3<>/dev/tcp/10.200.0.9/80"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Network is unreachable"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "no ICMP reply, the connect timed out"
+    );
+    // And ICMP itself gets no reply.
+    let out = c.pods[a]
+        .ns
+        .exec("ping", &["-c", "1", "-W", "1", "10.200.0.9"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("Unreachable"));
+}
+
+#[test]
+fn tcp_flow_survives_sigkill_restart_of_both_daemons() {
+    let mut c = udp_cluster(2);
+    let a = c.add_pod(0);
+    let b = c.add_pod(1);
+    c.wait_full_mesh(T);
+    let mut server = c.pods[b]
+        .ns
+        .command("iperf3")
+        .args(["-s", "-1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let ip = c.pods[b].ip.to_string();
+    let client = c.pods[a]
+        .ns
+        .command("iperf3")
+        .args(["-c", &ip, "-t", "6", "-b", "200M"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    for h in 0..2 {
+        c.hosts[h].flanneld.as_mut().unwrap().kill();
+    }
+    // The device outlives the daemon.
+    assert!(c.hosts[0]
+        .ns
+        .exec("ip", &["link", "show", "flannel0"])
+        .status
+        .success());
+    for h in 0..2 {
+        c.start_flanneld(h, &["--ip-masq"]);
+    }
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "TCP flow broke during the restart:\n{text}"
+    );
+    assert!(text.contains("receiver"), "{text}");
+    let _ = server.wait();
+    wait_for(T, "mesh after restart", || {
+        c.ping(a, c.pods[b].ip).then_some(())
+    });
+}
