@@ -388,8 +388,8 @@ pub struct VxlanInfo {
     pub vni: Option<u32>,
     /// Underlay device index.
     pub dev: Option<u32>,
-    /// Local (source) address.
-    pub local: Option<Ipv4Addr>,
+    /// Local (source) address (IPv4 or IPv6).
+    pub local: Option<IpAddr>,
     /// Multicast group.
     pub group: Option<Ipv4Addr>,
     /// UDP destination port.
@@ -412,7 +412,7 @@ pub struct VxlanSpec {
     /// Underlay device index.
     pub dev: u32,
     /// Local (source) address.
-    pub local: Option<Ipv4Addr>,
+    pub local: Option<IpAddr>,
     /// UDP port; 0 = kernel default.
     pub port: u16,
     /// MAC learning.
@@ -525,7 +525,8 @@ impl Netlink {
                                     match attr {
                                         InfoVxlan::Id(id) => x.vni = Some(*id),
                                         InfoVxlan::Link(l) => x.dev = Some(*l),
-                                        InfoVxlan::Local(l) => x.local = Some(*l),
+                                        InfoVxlan::Local(l) => x.local = Some(IpAddr::V4(*l)),
+                                        InfoVxlan::Local6(l) => x.local = Some(IpAddr::V6(*l)),
                                         InfoVxlan::Group(g) => x.group = Some(*g),
                                         InfoVxlan::Port(p) => x.port = Some(*p),
                                         InfoVxlan::Learning(l) => x.learning = Some(*l),
@@ -555,8 +556,10 @@ impl Netlink {
             .l3miss(false)
             .mtu(spec.mtu)
             .address(spec.mac.to_vec());
-        if let Some(l) = spec.local {
-            b = b.local(l);
+        match spec.local {
+            Some(IpAddr::V4(l)) => b = b.local(l),
+            Some(IpAddr::V6(l)) => b = b.local6(l),
+            None => {}
         }
         if spec.port > 0 {
             b = b.port(spec.port);

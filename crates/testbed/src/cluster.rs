@@ -18,6 +18,8 @@ pub struct Pod {
     pub ns: NetNs,
     /// Its address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, in a dual-stack network.
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// Index of its host in the cluster.
     pub host: usize,
     /// Display name, `h<host>/pod<n>`.
@@ -30,6 +32,8 @@ pub struct ClusterHost {
     pub ns: Arc<NetNs>,
     /// Its underlay address (on `eth0`).
     pub ip: Ipv4Addr,
+    /// Its IPv6 underlay address (on `eth0`).
+    pub ip6: std::net::Ipv6Addr,
     /// Its flanneld, when running.
     pub flanneld: Option<Flanneld>,
     /// The subnet.env its flanneld writes.
@@ -104,9 +108,32 @@ impl Cluster {
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "default", "via", "192.168.100.1"]);
         ns.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        // IPv6 underlay too (fd00:100::/64), for dual-stack networks.
+        let ip6: std::net::Ipv6Addr = format!("fd00:100::{}", 11 + i).parse().expect("v6");
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd00:100::1",
+            "dev",
+            "eth0",
+        ]);
+        ns.run("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
         ClusterHost {
             ns,
             ip,
+            ip6,
             flanneld: None,
             subnet_file: dir.join(&format!("h{}-subnet.env", i + 1)),
         }
@@ -201,13 +228,22 @@ impl Cluster {
         );
         assert!(out.ok(), "flannel CNI ADD failed: {out:?}");
         let v = out.json();
-        let addr = v["ips"][0]["address"]
-            .as_str()
-            .expect("CNI result has an IP");
-        let ip: Ipv4Addr = addr.split('/').next().unwrap().parse().unwrap();
+        let addrs: Vec<&str> = v["ips"]
+            .as_array()
+            .expect("CNI result has IPs")
+            .iter()
+            .filter_map(|i| i["address"].as_str())
+            .map(|a| a.split('/').next().unwrap_or(""))
+            .collect();
+        let ip: Ipv4Addr = addrs
+            .iter()
+            .find_map(|a| a.parse().ok())
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let ip6 = addrs.iter().find_map(|a| a.parse().ok());
         self.pods.push(Pod {
             ns: pod_ns,
             ip,
+            ip6,
             host: i,
             label,
         });
@@ -221,6 +257,21 @@ impl Cluster {
             .exec("ping", &["-c", "1", "-W", "1", &to.to_string()])
             .status
             .success()
+    }
+
+    /// Whether pod `from` gets one ping answer from the IPv6 address `to`.
+    pub fn ping6(&self, from: usize, to: std::net::Ipv6Addr) -> bool {
+        self.pods[from]
+            .ns
+            .exec("ping", &["-6", "-c", "1", "-W", "1", &to.to_string()])
+            .status
+            .success()
+    }
+
+    /// Waits until pod `from` can ping the IPv6 address `to`; panics otherwise.
+    pub fn wait_ping6(&self, from: usize, to: std::net::Ipv6Addr, timeout: Duration) {
+        let what = format!("{} to reach {to}", self.pods[from].label);
+        wait_for(timeout, &what, || self.ping6(from, to).then_some(()));
     }
 
     /// Waits (up to `timeout`) until pod `from` can ping `to`; panics otherwise.

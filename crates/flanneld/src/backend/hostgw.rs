@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,7 +39,7 @@ struct HostGwNetwork {
     lease: Lease,
     config: NetworkConfig,
     ext: ExternalInterface,
-    routes: BTreeMap<SubnetKey, RouteSpec>,
+    routes: BTreeMap<(SubnetKey, bool), RouteSpec>,
 }
 
 #[async_trait]
@@ -50,7 +51,11 @@ impl Backend for HostGwBackend {
         let nl = Netlink::open().map_err(|e| BackendError::Other(e.to_string()))?;
         let attrs = LeaseAttrs {
             public_ip: ctx.ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
-            public_ipv6: None,
+            public_ipv6: if ctx.config.enable_ipv6 {
+                ctx.ext.ext_v6_addr
+            } else {
+                None
+            },
             backend_type: "host-gw".into(),
             backend_data: None,
             backend_v6_data: None,
@@ -67,14 +72,26 @@ impl Backend for HostGwBackend {
 }
 
 impl HostGwNetwork {
-    fn route_for(&self, l: &Lease) -> RouteSpec {
-        RouteSpec {
-            dst: IpNet::V4(l.key.ipv4),
-            gateway: Some(IpAddr::V4(l.attrs.public_ip)),
+    /// The route to a lease's subnet in one family (`None` if either side lacks that family).
+    fn route_for(&self, l: &Lease, v6: bool) -> Option<RouteSpec> {
+        let (dst, gateway) = if v6 {
+            if !self.config.enable_ipv6 {
+                return None;
+            }
+            (IpNet::V6(l.key.ipv6?), IpAddr::V6(l.attrs.public_ipv6?))
+        } else {
+            if !self.config.enable_ipv4 {
+                return None;
+            }
+            (IpNet::V4(l.key.ipv4), IpAddr::V4(l.attrs.public_ip))
+        };
+        Some(RouteSpec {
+            dst,
+            gateway: Some(gateway),
             oif: Some(self.ext.index),
             onlink: false,
             blackhole: false,
-        }
+        })
     }
 
     async fn add(&mut self, l: &Lease) {
@@ -86,24 +103,33 @@ impl HostGwNetwork {
             );
             return;
         }
-        let route = self.route_for(l);
-        match self.nl.replace_route(&route).await {
-            Ok(()) => {
-                tracing::info!("host-gw: route {route} installed");
-                self.routes.insert(l.key, route);
+        for v6 in [false, true] {
+            let Some(route) = self.route_for(l, v6) else {
+                continue;
+            };
+            match self.nl.replace_route(&route).await {
+                Ok(()) => {
+                    tracing::info!("host-gw: route {route} installed");
+                    self.routes.insert((l.key, v6), route);
+                }
+                Err(e) => tracing::error!("{e}"),
             }
-            Err(e) => tracing::error!("{e}"),
         }
     }
 
     async fn remove(&mut self, l: &Lease) {
-        let route = self
-            .routes
-            .remove(&l.key)
-            .unwrap_or_else(|| self.route_for(l));
-        match self.nl.delete_route(&route).await {
-            Ok(()) => tracing::info!("host-gw: route {route} removed"),
-            Err(e) => tracing::error!("{e}"),
+        for v6 in [false, true] {
+            let Some(route) = self
+                .routes
+                .remove(&(l.key, v6))
+                .or_else(|| self.route_for(l, v6))
+            else {
+                continue;
+            };
+            match self.nl.delete_route(&route).await {
+                Ok(()) => tracing::info!("host-gw: route {route} removed"),
+                Err(e) => tracing::error!("{e}"),
+            }
         }
     }
 }
@@ -129,25 +155,37 @@ impl Network for HostGwNetwork {
 
     async fn resync(&mut self, current: &[Lease]) {
         let keys: BTreeSet<SubnetKey> = current.iter().map(|l| l.key).collect();
-        self.routes.retain(|k, _| keys.contains(k));
-        let (Some(network), Ok(routes)) = (self.config.network, self.nl.routes(false).await) else {
-            return;
-        };
-        let own = self.lease.key.ipv4;
-        for r in routes {
-            let Some(IpNet::V4(dst)) = r.destination_net() else {
+        self.routes.retain(|(k, _), _| keys.contains(k));
+        for v6 in [false, true] {
+            let (network, own) = if v6 {
+                (
+                    self.config.ipv6_network.map(IpNet::V6),
+                    self.lease.key.ipv6.map(IpNet::V6),
+                )
+            } else {
+                (
+                    self.config.network.map(IpNet::V4),
+                    Some(IpNet::V4(self.lease.key.ipv4)),
+                )
+            };
+            let (Some(network), Ok(routes)) = (network, self.nl.routes(v6).await) else {
                 continue;
             };
-            let flannel_route = r.oif == Some(self.ext.index)
-                && r.table == 254
-                && r.protocol == RouteProtocol::Boot
-                && r.gateway.is_some()
-                && network.contains(&dst)
-                && dst != own;
-            if flannel_route && !self.routes.values().any(|w| w.matches(&r)) {
-                tracing::info!("removing stale route {dst} via {:?}", r.gateway);
-                if let Err(e) = self.nl.delete_kernel_route(&r).await {
-                    tracing::error!("{e}");
+            for r in routes {
+                let Some(dst) = r.destination_net() else {
+                    continue;
+                };
+                let flannel_route = r.oif == Some(self.ext.index)
+                    && r.table == 254
+                    && r.protocol == RouteProtocol::Boot
+                    && r.gateway.is_some()
+                    && network.contains(&dst)
+                    && Some(dst) != own;
+                if flannel_route && !self.routes.values().any(|w| w.matches(&r)) {
+                    tracing::info!("removing stale route {dst} via {:?}", r.gateway);
+                    if let Err(e) = self.nl.delete_kernel_route(&r).await {
+                        tracing::error!("{e}");
+                    }
                 }
             }
         }
@@ -159,9 +197,11 @@ impl Network for HostGwNetwork {
 
     /// Re-adds remembered routes that someone removed.
     async fn check(&mut self, _current: &[Lease]) {
-        let Ok(routes) = self.nl.routes(false).await else {
+        let (Ok(mut routes), Ok(v6)) = (self.nl.routes(false).await, self.nl.routes(true).await)
+        else {
             return;
         };
+        routes.extend(v6);
         for want in self.routes.values() {
             if !routes.iter().any(|r| want.matches(r)) {
                 match self.nl.replace_route(want).await {

@@ -1,8 +1,10 @@
 //! `vxlan`: kernel VXLAN, wire- and host-compatible with Go flannel.
 //!
-//! Per remote lease: a permanent neighbour (remote subnet's network address -> its VtepMAC), an
-//! FDB entry (VtepMAC -> remote PublicIP) and an onlink route `<subnet> via <network address>`;
-//! with DirectRouting and a peer on the same L2, a plain route via its PublicIP instead.
+//! Per remote lease and address family: a permanent neighbour (remote subnet's network address
+//! -> its VtepMAC), an FDB entry (VtepMAC -> remote public IP) and an onlink route `<subnet> via
+//! <network address>`; with DirectRouting and a peer on the same L2, a plain route via its public
+//! IP instead. IPv4 uses `flannel.<VNI>` and `BackendData`; IPv6 uses `flannel-v6.<VNI>` and
+//! `BackendV6Data`.
 //!
 //! Better than the reference: the VtepMAC stays stable across restarts (existing device's MAC,
 //! else the MAC of our own previous lease); a device deleted behind our back is recreated and
@@ -18,7 +20,8 @@ use flannel_types::backend_options::VxlanOptions;
 use flannel_types::gojson::FoldedObject;
 use flannel_types::lease::RawJson;
 use flannel_types::{LeaseAttrs, NetworkConfig, SubnetKey};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
+use netlink_packet_route::route::RouteProtocol;
 use rand::Rng;
 
 use super::{Backend, BackendContext, BackendError, Network};
@@ -26,7 +29,7 @@ use crate::iface::ExternalInterface;
 use crate::lease::{Lease, LeaseEvent};
 use crate::netlink::{format_mac, parse_mac, LinkDetails, Netlink, RouteSpec, VxlanSpec};
 
-/// Bytes of VXLAN encapsulation (outer IPv4 + UDP + VXLAN + inner Ethernet).
+/// Bytes Go flannel subtracts for VXLAN encapsulation (for both families).
 const OVERHEAD: u32 = 50;
 
 /// The kernel's default VXLAN port (used when `Port` is 0).
@@ -75,7 +78,7 @@ struct VxlanLeaseData {
 }
 
 fn parse_lease_data(data: Option<&RawJson>) -> Result<VxlanLeaseData, String> {
-    let data = data.ok_or("no BackendData")?;
+    let data = data.ok_or("no backend data")?;
     let v: serde_json::Value = data.parse().map_err(|e| e.to_string())?;
     let o = FoldedObject::from_value(v, "vxlan.vxlanLeaseAttrs")?;
     let vni = o.int_field("VNI", "int", i64::MIN, i64::MAX)?.unwrap_or(0);
@@ -84,21 +87,35 @@ fn parse_lease_data(data: Option<&RawJson>) -> Result<VxlanLeaseData, String> {
     Ok(VxlanLeaseData { vni, mac })
 }
 
-/// What was installed for one remote lease.
+fn lease_data_json(vni: u32, mac: &[u8; 6]) -> Result<RawJson, BackendError> {
+    RawJson::new(&format!(
+        r#"{{"VNI":{vni},"VtepMAC":"{}"}}"#,
+        format_mac(mac)
+    ))
+    .map_err(nl_err)
+}
+
+/// What was installed for one remote lease and family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Applied {
-    /// Neighbour + FDB + onlink route through the vxlan device.
+    /// Neighbour + FDB + onlink route through the family's vxlan device.
     Tunnel {
-        subnet: Ipv4Net,
-        gateway: Ipv4Addr,
+        dev: u32,
+        subnet: IpNet,
+        gateway: IpAddr,
         mac: [u8; 6],
-        public_ip: Ipv4Addr,
+        public_ip: IpAddr,
     },
     /// A plain route to the peer's public IP (DirectRouting, same L2).
-    Direct {
-        subnet: Ipv4Net,
-        public_ip: Ipv4Addr,
-    },
+    Direct { subnet: IpNet, public_ip: IpAddr },
+}
+
+/// One family's vxlan device.
+#[derive(Debug, Clone)]
+struct Dev {
+    spec: VxlanSpec,
+    index: u32,
+    v6: bool,
 }
 
 struct VxlanNetwork {
@@ -107,10 +124,9 @@ struct VxlanNetwork {
     config: NetworkConfig,
     ext: ExternalInterface,
     opts: VxlanOptions,
-    spec: VxlanSpec,
-    index: u32,
+    devs: Vec<Dev>,
     mtu: u32,
-    applied: BTreeMap<SubnetKey, Applied>,
+    applied: BTreeMap<(SubnetKey, bool), Applied>,
 }
 
 fn compatible(d: &LinkDetails, spec: &VxlanSpec) -> bool {
@@ -156,23 +172,20 @@ async fn ensure_device(nl: &Netlink, spec: &VxlanSpec) -> Result<LinkDetails, Ba
         .ok_or_else(|| BackendError::Other(format!("{} vanished right after creation", spec.name)))
 }
 
-/// Puts `<subnet network>/32` on the device, removes other addresses of the flannel network
-/// from it, and sets it up; leaves an already-correct device untouched.
+/// Puts `<subnet network>/32` (`/128` for IPv6) on the device, removes other addresses of the
+/// flannel network from it, and sets it up; leaves an already-correct device untouched.
 async fn configure_device(
     nl: &Netlink,
     index: u32,
     name: &str,
-    subnet: Ipv4Net,
-    network: Option<Ipv4Net>,
+    subnet: IpNet,
+    network: Option<IpNet>,
 ) -> Result<(), BackendError> {
-    let want = IpAddr::V4(subnet.network());
+    let want = subnet.network();
+    let host_len = subnet.max_prefix_len();
     let addrs = nl.addresses().await.map_err(nl_err)?;
     for a in addrs.iter().filter(|a| a.index == index) {
-        let stale = a.ip != want
-            && match (a.ip, network) {
-                (IpAddr::V4(ip), Some(n)) => n.contains(&ip),
-                _ => false,
-            };
+        let stale = a.ip != want && network.is_some_and(|n| n.contains(&a.ip));
         if stale {
             tracing::info!(
                 "removing stale address {}/{} from {name}",
@@ -184,154 +197,114 @@ async fn configure_device(
     }
     if !addrs
         .iter()
-        .any(|a| a.index == index && a.ip == want && a.prefix_len == 32)
+        .any(|a| a.index == index && a.ip == want && a.prefix_len == host_len)
     {
-        nl.add_address(index, want, 32, name)
+        nl.add_address(index, want, host_len, name)
             .await
             .map_err(nl_err)?;
+    }
+    if subnet.addr().is_ipv6() {
+        // As Go flannel: no router advertisements on the vxlan device.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/accept_ra"), "0");
     }
     nl.set_up(index, name).await.map_err(nl_err)
 }
 
-#[async_trait]
-impl Backend for VxlanBackend {
-    async fn register_network(
-        &self,
-        ctx: &BackendContext,
-    ) -> Result<Box<dyn Network>, BackendError> {
-        let nl = Netlink::open().map_err(nl_err)?;
-        let vni = self.opts.vni as u32;
-        let name = format!("flannel.{vni}");
-        let base_mtu = if self.opts.mtu > 0 {
-            self.opts.mtu as u32
-        } else {
-            ctx.ext.mtu
-        };
-        let public_ip = ctx.ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
-        // Stable VtepMAC: the existing device's, else the one in our previous lease.
-        let existing_mac = nl
-            .link_details(&name)
-            .await
-            .map_err(nl_err)?
-            .and_then(|d| d.mac);
-        let previous_mac = match existing_mac {
-            Some(_) => None,
-            None => ctx
-                .store
-                .lease_by_public_ip(public_ip)
-                .await
-                .ok()
-                .flatten()
-                .filter(|l| l.attrs.backend_type == "vxlan")
-                .and_then(|l| parse_lease_data(l.attrs.backend_data.as_ref()).ok())
-                .map(|d| d.mac),
-        };
-        let mut spec = VxlanSpec {
-            name: name.clone(),
-            vni,
-            dev: ctx.ext.index,
-            local: ctx.ext.iface_addr,
-            port: self.opts.port as u16,
-            learning: self.opts.learning,
-            gbp: self.opts.gbp,
-            mtu: base_mtu.saturating_sub(OVERHEAD),
-            mac: existing_mac.or(previous_mac).unwrap_or_else(random_mac),
-        };
-        let dev = ensure_device(&nl, &spec).await?;
-        if let Some(mac) = dev.mac {
-            spec.mac = mac;
-        }
-        let data = RawJson::new(&format!(
-            r#"{{"VNI":{vni},"VtepMAC":"{}"}}"#,
-            format_mac(&spec.mac)
-        ))
-        .map_err(nl_err)?;
-        let attrs = LeaseAttrs {
-            public_ip,
-            public_ipv6: None,
-            backend_type: "vxlan".into(),
-            backend_data: Some(data),
-            backend_v6_data: None,
-        };
-        let lease = ctx.store.acquire_lease(&ctx.config, &attrs).await?;
-        configure_device(&nl, dev.index, &name, lease.key.ipv4, ctx.config.network).await?;
-        let now = nl
-            .link_details(&name)
-            .await
-            .map_err(nl_err)?
-            .ok_or_else(|| BackendError::Other(format!("{name} vanished")))?;
-        if now.mac != Some(spec.mac) {
-            return Err(BackendError::Other(format!(
-                "{name}'s MAC address {:?} differs from the expected {} (check systemd MACAddressPolicy)",
-                now.mac.map(|m| format_mac(&m)),
-                format_mac(&spec.mac)
-            )));
-        }
-        Ok(Box::new(VxlanNetwork {
-            nl,
-            lease,
-            config: ctx.config.clone(),
-            ext: ctx.ext.clone(),
-            opts: self.opts.clone(),
-            spec,
-            index: now.index,
-            mtu: now.mtu,
-            applied: BTreeMap::new(),
-        }))
-    }
-}
-
 impl VxlanNetwork {
-    /// Decides what to install for a remote lease, or why it is skipped.
-    async fn desired(&self, l: &Lease) -> Result<Applied, String> {
+    fn own_subnet(&self, v6: bool) -> Option<IpNet> {
+        if v6 {
+            self.lease.key.ipv6.map(IpNet::V6)
+        } else {
+            Some(IpNet::V4(self.lease.key.ipv4))
+        }
+    }
+
+    fn network(&self, v6: bool) -> Option<IpNet> {
+        if v6 {
+            self.config.ipv6_network.map(IpNet::V6)
+        } else {
+            self.config.network.map(IpNet::V4)
+        }
+    }
+
+    fn dev(&self, v6: bool) -> Option<&Dev> {
+        self.devs.iter().find(|d| d.v6 == v6)
+    }
+
+    /// What to install for a remote lease in one family: `None` when the lease or this host has
+    /// nothing in that family, `Err` (logged) when the lease is unusable.
+    async fn desired(&self, l: &Lease, v6: bool) -> Option<Result<Applied, String>> {
+        let dev = self.dev(v6)?;
+        let (subnet, public_ip, data) = if v6 {
+            (
+                IpNet::V6(l.key.ipv6?),
+                IpAddr::V6(l.attrs.public_ipv6?),
+                l.attrs.backend_v6_data.as_ref(),
+            )
+        } else {
+            (
+                IpNet::V4(l.key.ipv4),
+                IpAddr::V4(l.attrs.public_ip),
+                l.attrs.backend_data.as_ref(),
+            )
+        };
         if l.attrs.backend_type != "vxlan" {
-            return Err(format!(
+            return Some(Err(format!(
                 "ignoring non-vxlan subnet {}: type={:?}",
                 l.key, l.attrs.backend_type
-            ));
+            )));
         }
-        let data = parse_lease_data(l.attrs.backend_data.as_ref())
-            .map_err(|e| format!("ignoring subnet {} with bad BackendData: {e}", l.key))?;
-        if data.vni != self.spec.vni as i64 {
+        let data = match parse_lease_data(data) {
+            Ok(d) => d,
+            Err(e) => {
+                return Some(Err(format!(
+                    "ignoring subnet {} with bad {}: {e}",
+                    l.key,
+                    if v6 { "BackendV6Data" } else { "BackendData" }
+                )))
+            }
+        };
+        if data.vni != dev.spec.vni as i64 {
             tracing::debug!(
                 "lease {} advertises VNI {} (ours {})",
                 l.key,
                 data.vni,
-                self.spec.vni
+                dev.spec.vni
             );
         }
         if self.opts.direct_routing {
-            if let Ok(routes) = self.nl.route_get(IpAddr::V4(l.attrs.public_ip)).await {
+            if let Ok(routes) = self.nl.route_get(public_ip).await {
                 if routes.len() == 1 && routes[0].gateway.is_none() {
-                    return Ok(Applied::Direct {
-                        subnet: l.key.ipv4,
-                        public_ip: l.attrs.public_ip,
-                    });
+                    return Some(Ok(Applied::Direct { subnet, public_ip }));
                 }
             }
         }
-        Ok(Applied::Tunnel {
-            subnet: l.key.ipv4,
-            gateway: l.key.ipv4.network(),
+        Some(Ok(Applied::Tunnel {
+            dev: dev.index,
+            subnet,
+            gateway: subnet.network(),
             mac: data.mac,
-            public_ip: l.attrs.public_ip,
-        })
+            public_ip,
+        }))
     }
 
-    fn route_for(&self, a: &Applied) -> RouteSpec {
+    fn route_for(a: &Applied) -> RouteSpec {
         match a {
             Applied::Tunnel {
-                subnet, gateway, ..
+                dev,
+                subnet,
+                gateway,
+                ..
             } => RouteSpec {
-                dst: IpNet::V4(*subnet),
-                gateway: Some(IpAddr::V4(*gateway)),
-                oif: Some(self.index),
+                dst: *subnet,
+                gateway: Some(*gateway),
+                oif: Some(*dev),
                 onlink: true,
                 blackhole: false,
             },
             Applied::Direct { subnet, public_ip } => RouteSpec {
-                dst: IpNet::V4(*subnet),
-                gateway: Some(IpAddr::V4(*public_ip)),
+                dst: *subnet,
+                gateway: Some(*public_ip),
                 oif: None,
                 onlink: false,
                 blackhole: false,
@@ -342,42 +315,30 @@ impl VxlanNetwork {
     async fn install(&self, a: &Applied) -> Result<(), String> {
         match a {
             Applied::Tunnel {
+                dev,
                 gateway,
                 mac,
                 public_ip,
                 ..
             } => {
                 self.nl
-                    .replace_neighbour(self.index, IpAddr::V4(*gateway), *mac)
+                    .replace_neighbour(*dev, *gateway, *mac)
                     .await
                     .map_err(|e| e.to_string())?;
-                if let Err(e) = self
-                    .nl
-                    .replace_fdb(self.index, *mac, IpAddr::V4(*public_ip))
-                    .await
-                {
-                    let _ = self
-                        .nl
-                        .delete_neighbour(self.index, IpAddr::V4(*gateway))
-                        .await;
+                if let Err(e) = self.nl.replace_fdb(*dev, *mac, *public_ip).await {
+                    let _ = self.nl.delete_neighbour(*dev, *gateway).await;
                     return Err(e.to_string());
                 }
-                if let Err(e) = self.nl.replace_route(&self.route_for(a)).await {
-                    let _ = self
-                        .nl
-                        .delete_fdb(self.index, *mac, Some(IpAddr::V4(*public_ip)))
-                        .await;
-                    let _ = self
-                        .nl
-                        .delete_neighbour(self.index, IpAddr::V4(*gateway))
-                        .await;
+                if let Err(e) = self.nl.replace_route(&Self::route_for(a)).await {
+                    let _ = self.nl.delete_fdb(*dev, *mac, Some(*public_ip)).await;
+                    let _ = self.nl.delete_neighbour(*dev, *gateway).await;
                     return Err(e.to_string());
                 }
                 Ok(())
             }
             Applied::Direct { .. } => self
                 .nl
-                .replace_route(&self.route_for(a))
+                .replace_route(&Self::route_for(a))
                 .await
                 .map_err(|e| e.to_string()),
         }
@@ -386,16 +347,15 @@ impl VxlanNetwork {
     /// Removes what `old` installed, except parts `new` (if any) still needs.
     async fn uninstall(&self, old: &Applied, new: Option<&Applied>) {
         let mut errors = vec![];
-        if new.map(|n| self.route_for(n)) != Some(self.route_for(old)) {
-            let route = self.route_for(old);
-            let keep_route = new.is_some_and(|n| self.route_for(n).dst == route.dst);
-            if !keep_route {
-                if let Err(e) = self.nl.delete_route(&route).await {
-                    errors.push(e.to_string());
-                }
+        let route = Self::route_for(old);
+        let keep_route = new.is_some_and(|n| Self::route_for(n).dst == route.dst);
+        if !keep_route {
+            if let Err(e) = self.nl.delete_route(&route).await {
+                errors.push(e.to_string());
             }
         }
         if let Applied::Tunnel {
+            dev,
             gateway,
             mac,
             public_ip,
@@ -404,25 +364,20 @@ impl VxlanNetwork {
         {
             let (keep_neigh, keep_fdb) = match new {
                 Some(Applied::Tunnel {
-                    gateway: g, mac: m, ..
-                }) => (g == gateway, m == mac),
+                    dev: d,
+                    gateway: g,
+                    mac: m,
+                    ..
+                }) => (d == dev && g == gateway, d == dev && m == mac),
                 _ => (false, false),
             };
             if !keep_neigh {
-                if let Err(e) = self
-                    .nl
-                    .delete_neighbour(self.index, IpAddr::V4(*gateway))
-                    .await
-                {
+                if let Err(e) = self.nl.delete_neighbour(*dev, *gateway).await {
                     errors.push(e.to_string());
                 }
             }
             if !keep_fdb {
-                if let Err(e) = self
-                    .nl
-                    .delete_fdb(self.index, *mac, Some(IpAddr::V4(*public_ip)))
-                    .await
-                {
+                if let Err(e) = self.nl.delete_fdb(*dev, *mac, Some(*public_ip)).await {
                     errors.push(e.to_string());
                 }
             }
@@ -433,63 +388,76 @@ impl VxlanNetwork {
     }
 
     async fn add(&mut self, l: &Lease) {
-        let want = match self.desired(l).await {
-            Ok(a) => a,
-            Err(msg) => {
-                tracing::warn!("{msg}");
-                if let Some(old) = self.applied.remove(&l.key) {
+        for v6 in [false, true] {
+            let slot = (l.key, v6);
+            let want = match self.desired(l, v6).await {
+                None => None,
+                Some(Ok(a)) => Some(a),
+                Some(Err(msg)) => {
+                    tracing::warn!("{msg}");
+                    None
+                }
+            };
+            let Some(want) = want else {
+                if let Some(old) = self.applied.remove(&slot) {
                     self.uninstall(&old, None).await;
                 }
-                return;
+                continue;
+            };
+            if let Some(old) = self.applied.get(&slot).cloned() {
+                if old != want {
+                    self.uninstall(&old, Some(&want)).await;
+                }
             }
-        };
-        if let Some(old) = self.applied.get(&l.key).cloned() {
-            if old != want {
-                self.uninstall(&old, Some(&want)).await;
+            match self.install(&want).await {
+                Ok(()) => {
+                    let via = match &want {
+                        Applied::Tunnel { public_ip, .. } | Applied::Direct { public_ip, .. } => {
+                            *public_ip
+                        }
+                    };
+                    tracing::info!("vxlan: {} reachable via {via}", Self::route_for(&want).dst);
+                    self.applied.insert(slot, want);
+                }
+                Err(e) => tracing::error!("failed to add vxlan entries for {}: {e}", l.key),
             }
-        }
-        match self.install(&want).await {
-            Ok(()) => {
-                tracing::info!("vxlan: {} reachable via {}", l.key, l.attrs.public_ip);
-                self.applied.insert(l.key, want);
-            }
-            Err(e) => tracing::error!("failed to add vxlan entries for {}: {e}", l.key),
         }
     }
 
     async fn remove(&mut self, l: &Lease) {
-        let old = match self.applied.remove(&l.key) {
-            Some(a) => a,
-            None => match self.desired(l).await {
-                Ok(a) => a,
-                Err(_) => return,
-            },
-        };
-        self.uninstall(&old, None).await;
+        for v6 in [false, true] {
+            let old = match self.applied.remove(&(l.key, v6)) {
+                Some(a) => a,
+                None => match self.desired(l, v6).await {
+                    Some(Ok(a)) => a,
+                    _ => continue,
+                },
+            };
+            self.uninstall(&old, None).await;
+        }
         tracing::info!("vxlan: removed entries of {}", l.key);
     }
 
-    /// Deletes kernel entries on our device that belong to no current lease.
+    /// Deletes kernel entries on our devices that belong to no current lease.
     async fn remove_stale(&mut self, current: &[Lease]) {
         let keys: BTreeSet<SubnetKey> = current.iter().map(|l| l.key).collect();
-        let gone: Vec<SubnetKey> = self
+        let gone: Vec<(SubnetKey, bool)> = self
             .applied
             .keys()
-            .filter(|k| !keys.contains(k))
+            .filter(|(k, _)| !keys.contains(k))
             .copied()
             .collect();
-        for k in gone {
-            if let Some(a) = self.applied.remove(&k) {
+        for slot in gone {
+            if let Some(a) = self.applied.remove(&slot) {
                 self.uninstall(&a, None).await;
             }
         }
-        let want_routes: Vec<RouteSpec> =
-            self.applied.values().map(|a| self.route_for(a)).collect();
+        let want_routes: Vec<RouteSpec> = self.applied.values().map(Self::route_for).collect();
         let want_gws: BTreeSet<IpAddr> = self
             .applied
             .values()
             .filter_map(|a| match a {
-                Applied::Tunnel { gateway, .. } => Some(IpAddr::V4(*gateway)),
+                Applied::Tunnel { gateway, .. } => Some(*gateway),
                 _ => None,
             })
             .collect();
@@ -501,59 +469,193 @@ impl VxlanNetwork {
                 _ => None,
             })
             .collect();
-        let own = self.lease.key.ipv4;
-        let network = self.config.network;
-        let in_network = |dst: Option<IpNet>| match (dst, network) {
-            (Some(IpNet::V4(d)), Some(n)) => n.contains(&d) && d != own,
-            _ => false,
+        for dev in self.devs.clone() {
+            let own = self.own_subnet(dev.v6);
+            let network = self.network(dev.v6);
+            let in_network = |dst: Option<IpNet>| match (dst, network) {
+                (Some(d), Some(n)) => n.contains(&d) && Some(d) != own,
+                _ => false,
+            };
+            if let Ok(routes) = self.nl.routes(dev.v6).await {
+                for r in routes {
+                    let ours = r.oif == Some(dev.index)
+                        || (self.opts.direct_routing
+                            && r.oif == Some(self.ext.index)
+                            && r.protocol == RouteProtocol::Boot);
+                    if ours
+                        && r.table == 254
+                        && in_network(r.destination_net())
+                        && r.gateway.is_some()
+                        && !want_routes.iter().any(|w| w.matches(&r))
+                    {
+                        tracing::info!(
+                            "removing stale route {:?} via {:?}",
+                            r.destination_net(),
+                            r.gateway
+                        );
+                        if let Err(e) = self.nl.delete_kernel_route(&r).await {
+                            tracing::error!("{e}");
+                        }
+                    }
+                }
+            }
+            if let Ok(neighs) = self.nl.neighbours(dev.index, false).await {
+                for n in neighs.into_iter().filter(|n| n.permanent) {
+                    if let Some(ip) = n.ip.filter(|ip| !want_gws.contains(ip)) {
+                        tracing::info!("removing stale neighbour {ip} on {}", dev.spec.name);
+                        if let Err(e) = self.nl.delete_neighbour(dev.index, ip).await {
+                            tracing::error!("{e}");
+                        }
+                    }
+                }
+            }
+            if let Ok(fdb) = self.nl.neighbours(dev.index, true).await {
+                for n in fdb.into_iter().filter(|n| n.permanent) {
+                    if let Some(mac) = n.mac.filter(|m| !want_macs.contains(m)) {
+                        tracing::info!(
+                            "removing stale FDB entry {} on {}",
+                            format_mac(&mac),
+                            dev.spec.name
+                        );
+                        if let Err(e) = self.nl.delete_fdb(dev.index, mac, n.dst).await {
+                            tracing::error!("{e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for VxlanBackend {
+    async fn register_network(
+        &self,
+        ctx: &BackendContext,
+    ) -> Result<Box<dyn Network>, BackendError> {
+        let nl = Netlink::open().map_err(nl_err)?;
+        let vni = self.opts.vni as u32;
+        let base_mtu = if self.opts.mtu > 0 {
+            self.opts.mtu as u32
+        } else {
+            ctx.ext.mtu
         };
-        if let Ok(routes) = self.nl.routes(false).await {
-            for r in routes {
-                let ours = r.oif == Some(self.index)
-                    || (self.opts.direct_routing
-                        && r.oif == Some(self.ext.index)
-                        && r.protocol == netlink_packet_route::route::RouteProtocol::Boot);
-                if ours
-                    && r.table == 254
-                    && in_network(r.destination_net())
-                    && r.gateway.is_some()
-                    && !want_routes.iter().any(|w| w.matches(&r))
-                {
-                    tracing::info!(
-                        "removing stale route {:?} via {:?}",
-                        r.destination_net(),
-                        r.gateway
-                    );
-                    if let Err(e) = self.nl.delete_kernel_route(&r).await {
-                        tracing::error!("{e}");
-                    }
-                }
+        let public_ip = ctx.ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
+        // Stable VtepMACs: the existing devices', else those in our previous lease.
+        let previous = ctx
+            .store
+            .lease_by_public_ip(public_ip)
+            .await
+            .ok()
+            .flatten()
+            .filter(|l| l.attrs.backend_type == "vxlan");
+        let mut families = vec![];
+        if ctx.config.enable_ipv4 {
+            families.push((
+                false,
+                format!("flannel.{vni}"),
+                ctx.ext.iface_addr.map(IpAddr::V4),
+            ));
+        }
+        if ctx.config.enable_ipv6 {
+            families.push((
+                true,
+                format!("flannel-v6.{vni}"),
+                ctx.ext.iface_v6_addr.map(IpAddr::V6),
+            ));
+        }
+        let mut devs = vec![];
+        for (v6, name, local) in families {
+            let existing_mac = nl
+                .link_details(&name)
+                .await
+                .map_err(nl_err)?
+                .and_then(|d| d.mac);
+            let previous_mac = previous.as_ref().and_then(|l| {
+                let data = if v6 {
+                    l.attrs.backend_v6_data.as_ref()
+                } else {
+                    l.attrs.backend_data.as_ref()
+                };
+                parse_lease_data(data).ok().map(|d| d.mac)
+            });
+            let mut spec = VxlanSpec {
+                name,
+                vni,
+                dev: ctx.ext.index,
+                local,
+                port: self.opts.port as u16,
+                learning: self.opts.learning,
+                gbp: self.opts.gbp,
+                mtu: base_mtu.saturating_sub(OVERHEAD),
+                mac: existing_mac.or(previous_mac).unwrap_or_else(random_mac),
+            };
+            let d = ensure_device(&nl, &spec).await?;
+            if let Some(mac) = d.mac {
+                spec.mac = mac;
+            }
+            devs.push(Dev {
+                spec,
+                index: d.index,
+                v6,
+            });
+        }
+        let v4dev = devs.iter().find(|d| !d.v6);
+        let v6dev = devs.iter().find(|d| d.v6);
+        let attrs = LeaseAttrs {
+            public_ip,
+            public_ipv6: v6dev.and(ctx.ext.ext_v6_addr),
+            backend_type: "vxlan".into(),
+            backend_data: v4dev
+                .map(|d| lease_data_json(vni, &d.spec.mac))
+                .transpose()?,
+            backend_v6_data: match (v6dev, ctx.ext.ext_v6_addr) {
+                (Some(d), Some(_)) => Some(lease_data_json(vni, &d.spec.mac)?),
+                _ => None,
+            },
+        };
+        let lease = ctx.store.acquire_lease(&ctx.config, &attrs).await?;
+        let mut mtu = 0;
+        for d in &devs {
+            let (subnet, network) = if d.v6 {
+                let sn = lease.key.ipv6.ok_or_else(|| {
+                    BackendError::Other(format!(
+                        "failed to configure interface {}: IPv6 is enabled but the lease has no IPv6",
+                        d.spec.name
+                    ))
+                })?;
+                (IpNet::V6(sn), ctx.config.ipv6_network.map(IpNet::V6))
+            } else {
+                (IpNet::V4(lease.key.ipv4), ctx.config.network.map(IpNet::V4))
+            };
+            configure_device(&nl, d.index, &d.spec.name, subnet, network).await?;
+            let now = nl
+                .link_details(&d.spec.name)
+                .await
+                .map_err(nl_err)?
+                .ok_or_else(|| BackendError::Other(format!("{} vanished", d.spec.name)))?;
+            if now.mac != Some(d.spec.mac) {
+                return Err(BackendError::Other(format!(
+                    "{}'s MAC address {:?} differs from the expected {} (check systemd MACAddressPolicy)",
+                    d.spec.name,
+                    now.mac.map(|m| format_mac(&m)),
+                    format_mac(&d.spec.mac)
+                )));
+            }
+            if mtu == 0 || !d.v6 {
+                mtu = now.mtu;
             }
         }
-        if let Ok(neighs) = self.nl.neighbours(self.index, false).await {
-            for n in neighs.into_iter().filter(|n| n.permanent) {
-                if let Some(ip) = n.ip.filter(|ip| ip.is_ipv4() && !want_gws.contains(ip)) {
-                    tracing::info!("removing stale neighbour {ip} on {}", self.spec.name);
-                    if let Err(e) = self.nl.delete_neighbour(self.index, ip).await {
-                        tracing::error!("{e}");
-                    }
-                }
-            }
-        }
-        if let Ok(fdb) = self.nl.neighbours(self.index, true).await {
-            for n in fdb.into_iter().filter(|n| n.permanent) {
-                if let Some(mac) = n.mac.filter(|m| !want_macs.contains(m)) {
-                    tracing::info!(
-                        "removing stale FDB entry {} on {}",
-                        format_mac(&mac),
-                        self.spec.name
-                    );
-                    if let Err(e) = self.nl.delete_fdb(self.index, mac, n.dst).await {
-                        tracing::error!("{e}");
-                    }
-                }
-            }
-        }
+        Ok(Box::new(VxlanNetwork {
+            nl,
+            lease,
+            config: ctx.config.clone(),
+            ext: ctx.ext.clone(),
+            opts: self.opts.clone(),
+            devs,
+            mtu,
+            applied: BTreeMap::new(),
+        }))
     }
 }
 
@@ -584,47 +686,50 @@ impl Network for VxlanNetwork {
         Duration::from_secs(1)
     }
 
-    /// Recreates the device if it was deleted, then replays every remote entry onto it.
+    /// Recreates a device that was deleted, then replays every remote entry onto it.
     async fn check(&mut self, current: &[Lease]) {
-        let present = match self.nl.link_details(&self.spec.name).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!("{e}");
-                return;
+        let mut recreated = false;
+        for i in 0..self.devs.len() {
+            let dev = self.devs[i].clone();
+            let present = match self.nl.link_details(&dev.spec.name).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    continue;
+                }
+            };
+            if present.as_ref().is_some_and(|d| d.index == dev.index) {
+                continue;
             }
-        };
-        if present.as_ref().is_some_and(|d| d.index == self.index) {
-            return;
-        }
-        tracing::warn!("{} was deleted or replaced; recreating it", self.spec.name);
-        let dev = match ensure_device(&self.nl, &self.spec).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!("failed to recreate {}: {e}", self.spec.name);
-                return;
+            tracing::warn!("{} was deleted or replaced; recreating it", dev.spec.name);
+            let d = match ensure_device(&self.nl, &dev.spec).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!("failed to recreate {}: {e}", dev.spec.name);
+                    continue;
+                }
+            };
+            let (Some(subnet), network) = (self.own_subnet(dev.v6), self.network(dev.v6)) else {
+                continue;
+            };
+            if let Err(e) =
+                configure_device(&self.nl, d.index, &dev.spec.name, subnet, network).await
+            {
+                tracing::error!("failed to configure {}: {e}", dev.spec.name);
+                continue;
             }
-        };
-        if let Err(e) = configure_device(
-            &self.nl,
-            dev.index,
-            &self.spec.name,
-            self.lease.key.ipv4,
-            self.config.network,
-        )
-        .await
-        {
-            tracing::error!("failed to configure {}: {e}", self.spec.name);
-            return;
+            self.devs[i].index = d.index;
+            recreated = true;
         }
-        self.index = dev.index;
-        self.applied.clear();
-        for l in current {
-            self.add(l).await;
+        if recreated {
+            self.applied.clear();
+            for l in current {
+                self.add(l).await;
+            }
+            tracing::info!(
+                "vxlan devices recreated and {} remote entries replayed",
+                self.applied.len()
+            );
         }
-        tracing::info!(
-            "{} recreated and {} remote entries replayed",
-            self.spec.name,
-            self.applied.len()
-        );
     }
 }
