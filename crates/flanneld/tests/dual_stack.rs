@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use testbed::fixture::PREFIX;
 use testbed::Cluster;
 
 const T: Duration = Duration::from_secs(30);
@@ -21,23 +20,6 @@ fn dual_cluster(backend: &str) -> Cluster {
     c.add_pod(0);
     c.add_pod(1);
     c
-}
-
-fn lease_of(c: &Cluster, i: usize) -> (String, serde_json::Value) {
-    let v4: ipnet::Ipv4Net = c.env_var(i, "FLANNEL_SUBNET").parse().unwrap();
-    let v6: ipnet::Ipv6Net = c.env_var(i, "FLANNEL_IPV6_SUBNET").parse().unwrap();
-    let key = format!(
-        "{PREFIX}/subnets/{}-{}&{}-{}",
-        v4.network(),
-        v4.prefix_len(),
-        v6.network(),
-        v6.prefix_len()
-    );
-    let value = c
-        .etcd
-        .get(&key)
-        .unwrap_or_else(|| panic!("no lease at {key}"));
-    (key, serde_json::from_str(&value).unwrap())
 }
 
 #[test]
@@ -64,7 +46,7 @@ fn vxlan_dual_stack_pods_reach_each_other_over_v4_and_v6() {
     );
     assert!(env.contains("FLANNEL_IPV6_NETWORK=fc00:5::/48\n"));
     // The lease: v6 key part, PublicIPv6, BackendV6Data with the v6 device's MAC.
-    let (_, lease) = lease_of(&c, 1);
+    let lease = c.lease(1);
     assert_eq!(lease["PublicIPv6"], "fd00:100::12");
     assert_eq!(lease["BackendV6Data"]["VNI"], 1);
     let ns = c.hosts[0].ns.clone();
@@ -93,7 +75,7 @@ fn host_gw_dual_stack_installs_v6_routes() {
     let c = dual_cluster("host-gw");
     c.wait_full_mesh(T);
     c.wait_ping6(0, c.pods[1].ip6.unwrap(), T);
-    let (_, lease) = lease_of(&c, 1);
+    let lease = c.lease(1);
     assert_eq!(
         lease.to_string(),
         r#"{"BackendType":"host-gw","PublicIP":"192.168.100.12","PublicIPv6":"fd00:100::12"}"#
@@ -111,7 +93,7 @@ fn dual_stack_lease_json_is_exact_for_alloc() {
     let mut c = Cluster::new(1);
     c.put_config(None, &config("alloc"));
     c.start_all(&[]);
-    let (key, _) = lease_of(&c, 0);
+    let key = c.lease_key(0);
     // Go's alloc backend advertises only the IPv4 address.
     assert_eq!(
         c.etcd.get(&key).unwrap(),

@@ -285,29 +285,9 @@ fn two_networks_on_one_host() {
         "/hostgw/network/config",
         r#"{"Network":"10.12.0.0/16","Backend":{"Type":"alloc"}}"#,
     );
-    let a_file = w.dir.join("vxlan.env");
-    let b_file = w.dir.join("hostgw.env");
-    let url = format!("-etcd-endpoints={}", w.etcd.url());
-    let mut a = Flanneld::start(
-        &w.host.ns,
-        w.dir.path(),
-        &[
-            "-subnet-file",
-            a_file.to_str().unwrap(),
-            "-etcd-prefix=/vxlan/network",
-            &url,
-        ],
-    );
-    let mut b = Flanneld::start(
-        &w.host.ns,
-        w.dir.path(),
-        &[
-            "-subnet-file",
-            b_file.to_str().unwrap(),
-            "-etcd-prefix=/hostgw/network",
-            &url,
-        ],
-    );
+    let (a_file, b_file) = (w.dir.join("vxlan.env"), w.dir.join("hostgw.env"));
+    let mut a = w.flanneld_for("/vxlan/network", "vxlan.env", &[]);
+    let mut b = w.flanneld_for("/hostgw/network", "hostgw.env", &[]);
     let a_env = a.wait_subnet_env(&a_file, T);
     let b_env = b.wait_subnet_env(&b_file, T);
     assert!(a_env.contains("FLANNEL_NETWORK=10.11.0.0/16\nFLANNEL_SUBNET=10.11."));

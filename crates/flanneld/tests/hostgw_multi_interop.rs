@@ -8,11 +8,6 @@ use testbed::{wait_for, Cluster};
 
 const T: Duration = Duration::from_secs(30);
 
-fn subnet_of(c: &Cluster, i: usize) -> String {
-    let n: ipnet::Ipv4Net = c.env_var(i, "FLANNEL_SUBNET").parse().unwrap();
-    n.trunc().to_string()
-}
-
 #[test]
 fn host_gw_three_hosts_with_route_recovery_and_removal() {
     let mut c = Cluster::new(3);
@@ -25,7 +20,7 @@ fn host_gw_three_hosts_with_route_recovery_and_removal() {
         c.add_pod(h);
     }
     c.wait_full_mesh(T);
-    let h2 = subnet_of(&c, 1);
+    let h2 = c.subnet(1).to_string();
     let ns = c.hosts[0].ns.clone();
     let route = format!("{h2} via 192.168.100.12 dev eth0");
     assert!(ns.ip(&["route"]).contains(&route));
@@ -196,7 +191,7 @@ fn interop_with_a_host_configured_like_go_flannel() {
     );
     // Go flannel's entries towards our two hosts, from their leases.
     for h in 0..2 {
-        let subnet = subnet_of(&c, h);
+        let subnet = c.subnet(h).to_string();
         let key = format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"));
         let v: serde_json::Value = serde_json::from_str(&c.etcd.get(&key).unwrap()).unwrap();
         let mac = v["BackendData"]["VtepMAC"].as_str().unwrap();

@@ -7,16 +7,6 @@ use testbed::{wait_for, EtcdHost};
 
 const T: Duration = Duration::from_secs(30);
 
-fn pod_subnet(w: &EtcdHost) -> String {
-    let env = std::fs::read_to_string(w.subnet_file()).unwrap();
-    let s = env
-        .lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-        .unwrap();
-    let n: ipnet::Ipv4Net = s.parse().unwrap();
-    n.trunc().to_string()
-}
-
 fn iptables_state(w: &EtcdHost) -> (Vec<String>, Vec<String>) {
     let ns = &w.host.ns;
     let mut nat: Vec<String> = ns
@@ -82,7 +72,7 @@ fn iptables_rules_match_the_reference_and_are_kept() {
     let args = ["--ip-masq", "--iptables-resync=1"];
     let mut f = w.flanneld(&args);
     f.wait_subnet_env(&w.subnet_file(), T);
-    let pod = pod_subnet(&w);
+    let pod = w.subnet().to_string();
     let golden = iptables_golden(&pod, "10.5.0.0/16");
     assert_eq!(iptables_state(&w), golden);
     assert!(!ns.run("nft", &["list", "tables"]).contains("flannel-ipv4"));
@@ -117,7 +107,7 @@ fn nftables_rules_match_the_reference_and_are_kept() {
     let mut f = w.flanneld(&args);
     f.wait_log("traffic rules installed", T);
     f.wait_log("Wrote subnet file", T);
-    let pod = pod_subnet(&w);
+    let pod = w.subnet().to_string();
     let c = "10.5.0.0/16";
     let postrtg = format!(
         "table ip flannel-ipv4 {{\n\
@@ -195,7 +185,7 @@ fn blackhole_route_is_kept() {
     w.put_config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#);
     let mut f = w.flanneld(&["--ip-blackhole-route", "--iptables-resync=1"]);
     f.wait_subnet_env(&w.subnet_file(), T);
-    let pod = pod_subnet(&w);
+    let pod = w.subnet().to_string();
     let ns = &w.host.ns;
     let want = format!("blackhole {pod}");
     wait_for(T, "blackhole route", || {
@@ -205,6 +195,19 @@ fn blackhole_route_is_kept() {
     wait_for(T, "blackhole route to come back", || {
         ns.ip(&["route"]).contains(&want).then_some(())
     });
+}
+
+/// One flanneld per network at `/a/network` and `/b/network`, with masquerading.
+fn start_two_networks(w: &EtcdHost) -> Vec<testbed::Flanneld> {
+    [("/a/network", "a.env"), ("/b/network", "b.env")]
+        .into_iter()
+        .map(|(prefix, file)| {
+            let mut f = w.flanneld_for(prefix, file, &["--ip-masq", "--iptables-resync=1"]);
+            f.wait_log("traffic rules installed", T);
+            f.wait_log("Wrote subnet file", T);
+            f
+        })
+        .collect()
 }
 
 fn chain_lines(w: &EtcdHost, table: &str, chain: &str) -> Vec<String> {
@@ -227,24 +230,7 @@ fn two_networks_on_one_host_keep_both_rule_sets() {
         "/b/network/config",
         r#"{"Network":"10.12.0.0/16","Backend":{"Type":"alloc"}}"#,
     );
-    let mut daemons = vec![];
-    for (prefix, file) in [("/a/network", "a.env"), ("/b/network", "b.env")] {
-        let path = w.dir.join(file);
-        let mut f = testbed::Flanneld::start(
-            &w.host.ns,
-            w.dir.path(),
-            &[
-                format!("--etcd-endpoints={}", w.etcd.url()),
-                format!("--etcd-prefix={prefix}"),
-                format!("--subnet-file={}", path.display()),
-                "--ip-masq".into(),
-                "--iptables-resync=1".into(),
-            ],
-        );
-        f.wait_log("traffic rules installed", T);
-        f.wait_log("Wrote subnet file", T);
-        daemons.push(f);
-    }
+    let daemons = start_two_networks(&w);
     let has_both = |lines: &[String]| {
         lines.iter().any(|l| l.contains("10.11.0.0/16"))
             && lines.iter().any(|l| l.contains("10.12.0.0/16"))
@@ -276,7 +262,7 @@ fn changed_network_replaces_the_previous_rules() {
     let mut f = w.flanneld(&["--ip-masq"]);
     f.wait_log("traffic rules installed", T);
     f.wait_log("Wrote subnet file", T);
-    let pod = pod_subnet(&w);
+    let pod = w.subnet().to_string();
     let (nat, _) = iptables_state(&w);
     assert_eq!(nat, iptables_golden(&pod, "10.6.0.0/16").0);
     assert!(!chain_lines(&w, "filter", "FLANNEL-FWD")
@@ -296,24 +282,7 @@ fn two_networks_on_one_host_keep_both_nft_rule_sets() {
             &format!(r#"{{"Network":"{net}","EnableNFTables":true,"Backend":{{"Type":"alloc"}}}}"#),
         );
     }
-    let mut daemons = vec![];
-    for (prefix, file) in [("/a/network", "a.env"), ("/b/network", "b.env")] {
-        let path = w.dir.join(file);
-        let mut f = testbed::Flanneld::start(
-            &w.host.ns,
-            w.dir.path(),
-            &[
-                format!("--etcd-endpoints={}", w.etcd.url()),
-                format!("--etcd-prefix={prefix}"),
-                format!("--subnet-file={}", path.display()),
-                "--ip-masq".into(),
-                "--iptables-resync=1".into(),
-            ],
-        );
-        f.wait_log("traffic rules installed", T);
-        f.wait_log("Wrote subnet file", T);
-        daemons.push(f);
-    }
+    let daemons = start_two_networks(&w);
     let before = nft_chain(&w, "ip", "flannel-ipv4", "postrtg");
     assert!(
         before.contains("10.11.0.0/16") && before.contains("10.12.0.0/16"),

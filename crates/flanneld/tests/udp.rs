@@ -5,16 +5,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Stdio;
 use std::time::Duration;
 
-use testbed::fixture::PREFIX;
 use testbed::{wait_for, Cluster};
 
 const T: Duration = Duration::from_secs(30);
 const SEED: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0","SubnetMax":"10.99.0.0","Backend":{"Type":"udp","Port":7890}}"#;
-
-fn subnet_of(c: &Cluster, i: usize) -> ipnet::Ipv4Net {
-    let n: ipnet::Ipv4Net = c.env_var(i, "FLANNEL_SUBNET").parse().unwrap();
-    n.trunc()
-}
 
 fn udp_cluster(n: usize) -> Cluster {
     let mut c = Cluster::new(n);
@@ -57,15 +51,11 @@ fn seed_config_three_hosts_ping_and_tcp() {
     }
     c.wait_full_mesh(T);
     // Lease: PublicIP only (Go writes no BackendType for udp).
-    let key = format!(
-        "{PREFIX}/subnets/{}",
-        subnet_of(&c, 0).to_string().replace('/', "-")
-    );
     assert_eq!(
-        c.etcd.get(&key).unwrap(),
+        c.etcd.get(&c.lease_key(0)).unwrap(),
         r#"{"PublicIP":"192.168.100.11","PublicIPv6":null}"#
     );
-    assert_eq!(subnet_of(&c, 0).prefix_len(), 20);
+    assert_eq!(c.subnet(0).prefix_len(), 20);
     let ns = c.hosts[0].ns.clone();
     let link = ns.ip(&["link", "show", "flannel0"]);
     assert!(link.contains("mtu 1472"), "{link}");
@@ -73,7 +63,7 @@ fn seed_config_three_hosts_ping_and_tcp() {
     assert!(ns.ip(&["route"]).contains("10.0.0.0/8 dev flannel0"));
     assert!(ns
         .ip(&["addr", "show", "flannel0"])
-        .contains(&format!("{}/32", subnet_of(&c, 0).network())));
+        .contains(&format!("{}/32", c.subnet(0).network())));
     // A third host joins later: the running data paths learn its route.
     let h3 = c.add_host();
     c.start_flanneld(h3, &["--ip-masq"]);
@@ -162,7 +152,7 @@ fn hand_made_datagram_comes_out_of_flannel0_with_ttl_decremented() {
     c.add_pod(1);
     c.wait_full_mesh(T);
     let pod = c.pods[a].ip;
-    let src = Ipv4Addr::from(u32::from(subnet_of(&c, 1).network()) + 77);
+    let src = Ipv4Addr::from(u32::from(c.subnet(1).network()) + 77);
     let h1 = c.hosts[0].ns.clone();
     let h2 = c.hosts[1].ns.clone();
     let to = SocketAddrV4::new(c.hosts[0].ip, 7890);

@@ -3,24 +3,12 @@
 
 use std::time::Duration;
 
-use testbed::fixture::PREFIX;
 use testbed::{wait_for, Cluster};
 
 const T: Duration = Duration::from_secs(30);
 
 fn vxlan_config(extra: &str) -> String {
     format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"vxlan"{extra}}}}}"#)
-}
-
-/// The subnet (network form, e.g. `10.5.7.0/24`) host `i` leased.
-fn subnet_of(c: &Cluster, i: usize) -> String {
-    let s = c.env_var(i, "FLANNEL_SUBNET");
-    let n: ipnet::Ipv4Net = s.parse().unwrap();
-    n.trunc().to_string()
-}
-
-fn etcd_key(subnet: &str) -> String {
-    format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"))
 }
 
 #[test]
@@ -46,10 +34,10 @@ fn three_hosts_reach_each_other_and_track_leaves_and_joins() {
     );
     assert!(link.contains("mtu 1450"), "{link}");
     assert_eq!(c.env_var(0, "FLANNEL_MTU"), "1450");
-    let own = subnet_of(&c, 0);
+    let own = c.subnet(0).to_string();
     let own_addr = own.replace("/24", "/32");
     assert!(h1.ip(&["addr", "show", "flannel.1"]).contains(&own_addr));
-    let h3_subnet = subnet_of(&c, 2);
+    let h3_subnet = c.subnet(2).to_string();
     let h3_gw = h3_subnet.trim_end_matches("/24");
     let routes = h1.ip(&["route", "show", "dev", "flannel.1"]);
     assert!(
@@ -57,7 +45,7 @@ fn three_hosts_reach_each_other_and_track_leaves_and_joins() {
         "{routes}"
     );
     let lease: serde_json::Value =
-        serde_json::from_str(&c.etcd.get(&etcd_key(&h3_subnet)).unwrap()).unwrap();
+        serde_json::from_str(&c.etcd.get(&c.lease_key(2)).unwrap()).unwrap();
     let mac = lease["BackendData"]["VtepMAC"]
         .as_str()
         .unwrap()
@@ -77,7 +65,7 @@ fn three_hosts_reach_each_other_and_track_leaves_and_joins() {
 
     // h3 leaves: its lease is deleted; h1 and h2 drop its route, neighbour and FDB entry.
     c.hosts[2].flanneld.as_mut().unwrap().kill();
-    c.etcd.del(&etcd_key(&h3_subnet));
+    c.etcd.del(&c.lease_key(2));
     for h in 0..2 {
         let ns = &c.hosts[h].ns;
         wait_for(T, "h3's entries to disappear", || {
@@ -121,7 +109,7 @@ fn direct_routing_uses_plain_routes_on_one_segment() {
     c.add_pod(0);
     c.add_pod(1);
     c.wait_full_mesh(T);
-    let h2_subnet = subnet_of(&c, 1);
+    let h2_subnet = c.subnet(1).to_string();
     let routes = c.hosts[0].ns.ip(&["route"]);
     assert!(
         routes.contains(&format!("{h2_subnet} via 192.168.100.12 dev eth0")),
@@ -158,11 +146,11 @@ fn stale_entries_of_peers_gone_while_down_are_removed_at_start() {
     c.add_pod(0);
     c.add_pod(2);
     c.wait_full_mesh(T);
-    let h3_subnet = subnet_of(&c, 2);
+    let h3_subnet = c.subnet(2).to_string();
     // h1's flanneld is down while h3 leaves.
     c.hosts[0].flanneld.as_mut().unwrap().kill();
     c.hosts[2].flanneld.as_mut().unwrap().kill();
-    c.etcd.del(&etcd_key(&h3_subnet));
+    c.etcd.del(&c.lease_key(2));
     assert!(c.hosts[0]
         .ns
         .ip(&["route", "show", "dev", "flannel.1"])
@@ -179,5 +167,5 @@ fn stale_entries_of_peers_gone_while_down_are_removed_at_start() {
     // And the remaining peer is still reachable.
     assert!(ns
         .ip(&["route", "show", "dev", "flannel.1"])
-        .contains(&subnet_of(&c, 1)));
+        .contains(&c.subnet(1).to_string()));
 }

@@ -187,7 +187,32 @@ impl Cluster {
 
     /// Reads a key of host `i`'s subnet.env.
     pub fn env_var(&self, i: usize, key: &str) -> String {
-        read_env(&self.hosts[i].subnet_file, key)
+        crate::env_value(&self.hosts[i].subnet_file, key)
+    }
+
+    /// Host `i`'s IPv4 subnet (network form).
+    pub fn subnet(&self, i: usize) -> ipnet::Ipv4Net {
+        crate::env_subnet(&self.hosts[i].subnet_file)
+    }
+
+    /// Host `i`'s IPv6 subnet, in a dual-stack network.
+    pub fn subnet6(&self, i: usize) -> Option<ipnet::Ipv6Net> {
+        crate::env_subnet6(&self.hosts[i].subnet_file)
+    }
+
+    /// The etcd key of host `i`'s lease (default prefix).
+    pub fn lease_key(&self, i: usize) -> String {
+        crate::lease_key(self.subnet(i), self.subnet6(i))
+    }
+
+    /// Host `i`'s lease value as stored in etcd, parsed.
+    pub fn lease(&self, i: usize) -> serde_json::Value {
+        let key = self.lease_key(i);
+        let v = self
+            .etcd
+            .get(&key)
+            .unwrap_or_else(|| panic!("no lease at {key}"));
+        serde_json::from_str(&v).expect("lease JSON")
     }
 
     /// Attaches a pod to host `i` with the reference bridge + host-local plugins, configured from
@@ -290,13 +315,4 @@ impl Cluster {
             }
         }
     }
-}
-
-fn read_env(path: &std::path::Path, key: &str) -> String {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("{key} missing in {}", path.display()))
-        .to_string()
 }

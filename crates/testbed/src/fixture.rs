@@ -50,6 +50,23 @@ impl EtcdHost {
         Flanneld::start(&self.host.ns, self.dir.path(), &args)
     }
 
+    /// Starts flanneld for the network at `prefix`, writing `subnet_file` (a name in the
+    /// scratch dir), plus `extra` flags: several networks on one host.
+    pub fn flanneld_for(&self, prefix: &str, subnet_file: &str, extra: &[&str]) -> Flanneld {
+        let mut args = vec![
+            format!("--etcd-endpoints={}", self.etcd.url()),
+            format!("-etcd-prefix={prefix}"),
+            format!("--subnet-file={}", self.dir.join(subnet_file).display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Flanneld::start(&self.host.ns, self.dir.path(), &args)
+    }
+
+    /// This host's subnet from the default subnet file.
+    pub fn subnet(&self) -> ipnet::Ipv4Net {
+        crate::env_subnet(&self.subnet_file())
+    }
+
     /// The subnet keys under the default prefix.
     pub fn lease_keys(&self) -> Vec<String> {
         self.etcd.keys(&format!("{PREFIX}/subnets/"))

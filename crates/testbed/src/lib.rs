@@ -57,6 +57,47 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
     }
 }
 
+/// The host's own subnet recorded in a subnet.env (`FLANNEL_SUBNET`, network form).
+pub fn env_subnet(path: &Path) -> ipnet::Ipv4Net {
+    env_value(path, "FLANNEL_SUBNET")
+        .parse::<ipnet::Ipv4Net>()
+        .expect("FLANNEL_SUBNET")
+        .trunc()
+}
+
+/// The host's own IPv6 subnet recorded in a subnet.env, if any.
+pub fn env_subnet6(path: &Path) -> Option<ipnet::Ipv6Net> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))
+        .and_then(|v| v.parse::<ipnet::Ipv6Net>().ok())
+        .map(|n| n.trunc())
+}
+
+/// One value of a subnet.env (panics, naming the file, if absent).
+pub fn env_value(path: &Path, key: &str) -> String {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} missing in {}", path.display()))
+        .to_string()
+}
+
+/// The etcd key of a lease on these subnets, under the default prefix.
+pub fn lease_key(v4: ipnet::Ipv4Net, v6: Option<ipnet::Ipv6Net>) -> String {
+    let mut k = format!(
+        "{}/subnets/{}-{}",
+        fixture::PREFIX,
+        v4.network(),
+        v4.prefix_len()
+    );
+    if let Some(v6) = v6 {
+        k.push_str(&format!("&{}-{}", v6.network(), v6.prefix_len()));
+    }
+    k
+}
+
 /// A directory removed on drop.
 pub struct TempDir {
     path: PathBuf,

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use flannel_types::LeaseAttrs;
 
 use super::{Backend, BackendContext, BackendError, Network};
-use crate::lease::{Lease, LeaseEvent};
+use crate::lease::Lease;
 
 /// The alloc backend.
 pub struct AllocBackend;
@@ -45,15 +45,5 @@ impl Network for AllocNetwork {
 
     fn mtu(&self) -> u32 {
         self.mtu
-    }
-
-    async fn handle_events(&mut self, batch: Vec<LeaseEvent>) {
-        for e in batch {
-            tracing::debug!(
-                "alloc backend ignores {:?} {}",
-                std::mem::discriminant(&e),
-                e.lease().key
-            );
-        }
     }
 }

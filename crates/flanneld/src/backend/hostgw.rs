@@ -16,7 +16,7 @@ use netlink_packet_route::route::RouteProtocol;
 
 use super::{Backend, BackendContext, BackendError, Network};
 use crate::iface::ExternalInterface;
-use crate::lease::{Lease, LeaseEvent};
+use crate::lease::Lease;
 use crate::netlink::{Netlink, RouteSpec};
 
 /// The host-gw backend.
@@ -144,13 +144,12 @@ impl Network for HostGwNetwork {
         self.ext.mtu
     }
 
-    async fn handle_events(&mut self, batch: Vec<LeaseEvent>) {
-        for e in batch {
-            match e {
-                LeaseEvent::Added(l) => self.add(&l).await,
-                LeaseEvent::Removed(l) => self.remove(&l).await,
-            }
-        }
+    async fn lease_added(&mut self, lease: &Lease) {
+        self.add(lease).await
+    }
+
+    async fn lease_removed(&mut self, lease: &Lease) {
+        self.remove(lease).await
     }
 
     async fn resync(&mut self, current: &[Lease]) {

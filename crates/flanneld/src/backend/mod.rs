@@ -64,8 +64,22 @@ pub trait Network: Send {
     fn mtu(&self) -> u32;
 
     /// Brings the data plane in line with a batch of remote lease changes. Errors are logged
-    /// per lease inside; one bad peer never stops the others.
-    async fn handle_events(&mut self, batch: Vec<LeaseEvent>);
+    /// per lease inside; one bad peer never stops the others. By default each event goes to
+    /// [`Network::lease_added`] / [`Network::lease_removed`].
+    async fn handle_events(&mut self, batch: Vec<LeaseEvent>) {
+        for e in batch {
+            match e {
+                LeaseEvent::Added(l) => self.lease_added(&l).await,
+                LeaseEvent::Removed(l) => self.lease_removed(&l).await,
+            }
+        }
+    }
+
+    /// A remote lease appeared or changed.
+    async fn lease_added(&mut self, _lease: &Lease) {}
+
+    /// A remote lease is gone.
+    async fn lease_removed(&mut self, _lease: &Lease) {}
 
     /// Called after every full snapshot with all current remote leases: removes kernel state of
     /// peers that no longer exist (e.g. hosts that left while flanneld was down).

@@ -26,7 +26,7 @@ use rand::Rng;
 
 use super::{Backend, BackendContext, BackendError, Network};
 use crate::iface::ExternalInterface;
-use crate::lease::{Lease, LeaseEvent};
+use crate::lease::Lease;
 use crate::netlink::{format_mac, parse_mac, LinkDetails, Netlink, RouteSpec, VxlanSpec};
 
 /// Bytes Go flannel subtracts for VXLAN encapsulation (for both families).
@@ -669,13 +669,12 @@ impl Network for VxlanNetwork {
         self.mtu
     }
 
-    async fn handle_events(&mut self, batch: Vec<LeaseEvent>) {
-        for e in batch {
-            match e {
-                LeaseEvent::Added(l) => self.add(&l).await,
-                LeaseEvent::Removed(l) => self.remove(&l).await,
-            }
-        }
+    async fn lease_added(&mut self, lease: &Lease) {
+        self.add(lease).await
+    }
+
+    async fn lease_removed(&mut self, lease: &Lease) {
+        self.remove(lease).await
     }
 
     async fn resync(&mut self, current: &[Lease]) {
