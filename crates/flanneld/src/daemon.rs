@@ -193,6 +193,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
         config: config.clone(),
     };
     let constructor = backend::lookup(&config.backend_type).context("Error fetching backend")?;
+    if config.backend_type != "udp" {
+        backend::udp::remove_leftover_device(&nl).await;
+    }
     let be = constructor(&ctx).context("Error fetching backend")?;
     let mut network = tokio::select! {
         n = be.register_network(&ctx) => n.context("Error registering network")?,

@@ -249,3 +249,30 @@ fn tcp_flow_survives_sigkill_restart_of_both_daemons() {
         c.ping(a, c.pods[b].ip).then_some(())
     });
 }
+
+#[test]
+fn switching_away_from_udp_removes_the_persistent_device() {
+    let mut c = udp_cluster(1);
+    let ns = c.hosts[0].ns.clone();
+    c.hosts[0].flanneld.as_mut().unwrap().kill();
+    assert!(ns
+        .exec("ip", &["link", "show", "flannel0"])
+        .status
+        .success());
+    for k in c
+        .etcd
+        .keys(&format!("{}/subnets/", testbed::fixture::PREFIX))
+    {
+        c.etcd.del(&k);
+    }
+    c.put_config(
+        None,
+        r#"{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#,
+    );
+    c.start_flanneld(0, &[]);
+    assert!(!ns
+        .exec("ip", &["link", "show", "flannel0"])
+        .status
+        .success());
+    assert!(!ns.ip(&["route"]).contains("dev flannel0"));
+}

@@ -169,3 +169,29 @@ fn stale_entries_of_peers_gone_while_down_are_removed_at_start() {
         .ip(&["route", "show", "dev", "flannel.1"])
         .contains(&c.subnet(1).to_string()));
 }
+
+#[test]
+fn malformed_peer_lease_is_skipped_and_others_keep_working() {
+    let mut c = Cluster::new(2);
+    c.put_config(None, &vxlan_config(""));
+    c.start_all(&[]);
+    c.add_pod(0);
+    c.add_pod(1);
+    c.wait_full_mesh(T);
+    // Someone writes vxlan leases with broken BackendData and a foreign backend type.
+    c.etcd.put(
+        &format!("{}/subnets/10.5.250.0-24", testbed::fixture::PREFIX),
+        r#"{"PublicIP":"192.168.100.99","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#,
+    );
+    c.etcd.put(
+        &format!("{}/subnets/10.5.251.0-24", testbed::fixture::PREFIX),
+        r#"{"PublicIP":"192.168.100.98","PublicIPv6":null,"BackendType":"host-gw"}"#,
+    );
+    c.flanneld(0)
+        .wait_log("ignoring subnet 10.5.250.0-24 with bad BackendData", T);
+    c.flanneld(0)
+        .wait_log("ignoring non-vxlan subnet 10.5.251.0-24", T);
+    assert!(c.flanneld(0).try_status().is_none());
+    assert!(!c.hosts[0].ns.ip(&["route"]).contains("10.5.250.0"));
+    c.wait_full_mesh(T);
+}

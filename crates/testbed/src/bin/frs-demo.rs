@@ -44,20 +44,24 @@ fn main() {
 
     println!("\n== leases");
     println!(
-        "{:<6} {:<16} {:<16} {:<6} etcd value",
-        "host", "public ip", "subnet", "mtu"
+        "{:<6} {:<16} {:<16} {:<6} {:<9} etcd value",
+        "host", "public ip", "subnet", "mtu", "RSS"
     );
     for (i, h) in c.hosts.iter().enumerate() {
-        let subnet: ipnet::Ipv4Net = c.env_var(i, "FLANNEL_SUBNET").parse().expect("subnet");
-        let subnet = subnet.trunc();
-        let key = format!("{PREFIX}/subnets/{}", subnet.to_string().replace('/', "-"));
-        let value = c.etcd.get(&key).unwrap_or_default();
+        let value = c.etcd.get(&c.lease_key(i)).unwrap_or_default();
+        let rss = h
+            .flanneld
+            .as_ref()
+            .and_then(|f| f.rss_kib())
+            .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+            .unwrap_or_default();
         println!(
-            "{:<6} {:<16} {:<16} {:<6} {}",
+            "{:<6} {:<16} {:<16} {:<6} {:<9} {}",
             format!("h{}", i + 1),
             h.ip.to_string(),
-            subnet.to_string(),
+            c.subnet(i).to_string(),
             c.env_var(i, "FLANNEL_MTU"),
+            rss,
             value
         );
     }

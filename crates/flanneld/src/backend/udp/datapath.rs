@@ -161,7 +161,9 @@ fn classify(pkt: &mut [u8], routes: &RouteTable) -> Verdict {
 /// Packets per TUN drain.
 const TX_BATCH: usize = 256;
 /// Datagrams (or coalesced groups) per recvmmsg.
-const RX_BATCH: usize = 32;
+const RX_BATCH: usize = 16;
+/// Packets handed to one coalescing TUN write (flushed earlier when full).
+const RX_OUT: usize = 256;
 
 /// Nanoseconds since the first call, shared by every worker (for the busy-poll window).
 fn now_ns() -> u64 {
@@ -224,11 +226,7 @@ impl Worker {
             icmp: vec![0u8; 256],
             out: MultiSend::new(),
             rx: MultiRecv::new(rx_batch, rx_size),
-            rx_out: (0..if offload {
-                RX_BATCH * MAX_GSO_SEGMENTS
-            } else {
-                0
-            })
+            rx_out: (0..if offload { RX_OUT } else { 0 })
                 .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65_535))
                 .collect(),
             gro_table: GROTable::new(),
@@ -409,8 +407,9 @@ impl Worker {
                     }
                     continue;
                 }
-                if k >= self.rx_out.len() {
-                    break;
+                if k == self.rx_out.len() {
+                    Self::flush_tun(&self.dev, &mut self.gro_table, &mut self.rx_out[..k]);
+                    k = 0;
                 }
                 let b = &mut self.rx_out[k];
                 b.clear();
@@ -422,14 +421,15 @@ impl Worker {
             }
         }
         if offload && k > 0 {
-            if let Err(e) = self.dev.send_multiple(
-                &mut self.gro_table,
-                &mut self.rx_out[..k],
-                VIRTIO_NET_HDR_LEN,
-            ) {
-                tracing::debug!("udp: TUN write: {e}");
-            }
+            Self::flush_tun(&self.dev, &mut self.gro_table, &mut self.rx_out[..k]);
         }
         datagrams
+    }
+
+    /// Coalesces (GRO) and writes received packets to the TUN.
+    fn flush_tun(dev: &SyncDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {
+        if let Err(e) = dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
+            tracing::debug!("udp: TUN write: {e}");
+        }
     }
 }

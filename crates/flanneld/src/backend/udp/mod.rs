@@ -29,6 +29,21 @@ pub const DEVICE: &str = "flannel0";
 /// IPv4 + UDP header bytes added on the wire.
 const OVERHEAD: u32 = 28;
 
+/// Removes a `flannel0` left by an earlier udp run (it persists across restarts) when the
+/// network now uses another backend: its route for the whole network would swallow traffic.
+pub async fn remove_leftover_device(nl: &Netlink) {
+    match nl.link_details(DEVICE).await {
+        Ok(Some(d)) if d.kind.as_deref() == Some("tun") => {
+            tracing::info!("udp: removing {DEVICE} left by an earlier udp run");
+            if let Err(e) = nl.delete_link(d.index, DEVICE).await {
+                tracing::warn!("{e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{e}"),
+    }
+}
+
 /// The udp backend.
 pub struct UdpBackend {
     port: u16,
