@@ -197,7 +197,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
         backend::udp::remove_leftover_device(&nl).await;
     }
     let be = constructor(&ctx).context("Error fetching backend")?;
-    let mut network = tokio::select! {
+    let network = tokio::select! {
         n = be.register_network(&ctx) => n.context("Error registering network")?,
         _ = &mut signal => return Ok(Shutdown::Signal),
     };
@@ -235,7 +235,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
 
     // Lease watch -> backend.
     tracing::info!("Running backend.");
-    let (watch_tx, mut watch_rx) = mpsc::channel(16);
+    let (watch_tx, watch_rx) = mpsc::channel(16);
     {
         let store = store.clone();
         tasks.spawn(async move {
@@ -244,45 +244,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
             }
         });
     }
-    let mut watcher = LeaseWatcher::new(lease.key);
-    tasks.spawn(async move {
-        let mut check = tokio::time::interval(network.check_interval());
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        check.tick().await;
-        loop {
-            let update = tokio::select! {
-                u = watch_rx.recv() => match u {
-                    Some(u) => u,
-                    None => break,
-                },
-                _ = check.tick() => {
-                    let known: Vec<Lease> = watcher.known().cloned().collect();
-                    network.check(&known).await;
-                    continue;
-                }
-            };
-            let is_snapshot = matches!(update, StoreUpdate::Snapshot(_));
-            let batch = watcher.apply(update);
-            for e in &batch {
-                match e {
-                    LeaseEvent::Added(l) => tracing::info!(
-                        "lease added: {} (PublicIP {}, backend {:?})",
-                        l.key,
-                        l.attrs.public_ip,
-                        l.attrs.backend_type
-                    ),
-                    LeaseEvent::Removed(l) => tracing::info!("lease removed: {}", l.key),
-                }
-            }
-            if !batch.is_empty() {
-                network.handle_events(batch).await;
-            }
-            if is_snapshot {
-                let known: Vec<Lease> = watcher.known().cloned().collect();
-                network.resync(&known).await;
-            }
-        }
-    });
+    tasks.spawn(drive_backend(
+        network,
+        LeaseWatcher::new(lease.key),
+        watch_rx,
+    ));
 
     let margin = Duration::from_secs(opts.subnet_lease_renew_margin as u64 * 60);
     let outcome = tokio::select! {
@@ -296,6 +262,51 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
     tasks.abort_all();
     tracing::info!("Exiting cleanly...");
     Ok(outcome)
+}
+
+/// Feeds lease updates to the backend (as event batches, with a resync after every snapshot)
+/// and runs its periodic check, until the watch ends.
+async fn drive_backend(
+    mut network: Box<dyn backend::Network>,
+    mut watcher: LeaseWatcher,
+    mut watch_rx: mpsc::Receiver<StoreUpdate>,
+) {
+    let mut check = tokio::time::interval(network.check_interval());
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.tick().await;
+    loop {
+        let update = tokio::select! {
+            u = watch_rx.recv() => match u {
+                Some(u) => u,
+                None => break,
+            },
+            _ = check.tick() => {
+                let known: Vec<Lease> = watcher.known().cloned().collect();
+                network.check(&known).await;
+                continue;
+            }
+        };
+        let is_snapshot = matches!(update, StoreUpdate::Snapshot(_));
+        let batch = watcher.apply(update);
+        for e in &batch {
+            match e {
+                LeaseEvent::Added(l) => tracing::info!(
+                    "lease added: {} (PublicIP {}, backend {:?})",
+                    l.key,
+                    l.attrs.public_ip,
+                    l.attrs.backend_type
+                ),
+                LeaseEvent::Removed(l) => tracing::info!("lease removed: {}", l.key),
+            }
+        }
+        if !batch.is_empty() {
+            network.handle_events(batch).await;
+        }
+        if is_snapshot {
+            let known: Vec<Lease> = watcher.known().cloned().collect();
+            network.resync(&known).await;
+        }
+    }
 }
 
 fn resync_period(opts: &Options) -> Duration {

@@ -44,8 +44,14 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Serves health requests until the task is dropped.
 pub async fn serve(listener: TcpListener, readiness: Readiness) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // e.g. out of file descriptors: back off instead of spinning.
+                tracing::warn!("health server: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let readiness = readiness.clone();
         tokio::spawn(async move {
