@@ -175,7 +175,10 @@ fn out_of_subnets_is_a_clear_error() {
 #[test]
 fn garbage_under_subnets_is_skipped_never_fatal() {
     let w = EtcdHost::new("garbage");
-    w.put_config(ALLOC);
+    // The daemon leases from 10.5.200.0 up; the test writes other hosts' keys below that.
+    w.put_config(
+        r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.200.0","Backend":{"Type":"alloc"}}"#,
+    );
     w.etcd.put(&format!("{PREFIX}/subnets/not-a-subnet"), "{}");
     w.etcd
         .put(&format!("{PREFIX}/subnets/10.5.3.0-24"), "garbage");

@@ -144,9 +144,10 @@ fn two_networks_per_host_each_reachable_only_through_its_own_path() {
 #[test]
 fn interop_with_a_host_configured_like_go_flannel() {
     let mut c = Cluster::new(3);
+    // Our hosts lease below 10.5.200.0; the hand-made Go host holds 10.5.250.0/24.
     c.put_config(
         None,
-        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.200.0","Backend":{"Type":"vxlan"}}"#,
     );
     c.start_flanneld(0, &[]);
     c.start_flanneld(1, &[]);

@@ -173,7 +173,11 @@ fn stale_entries_of_peers_gone_while_down_are_removed_at_start() {
 #[test]
 fn malformed_peer_lease_is_skipped_and_others_keep_working() {
     let mut c = Cluster::new(2);
-    c.put_config(None, &vxlan_config(""));
+    // Our hosts lease below 10.5.200.0; the broken leases sit above.
+    c.put_config(
+        None,
+        r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.200.0","Backend":{"Type":"vxlan"}}"#,
+    );
     c.start_all(&[]);
     c.add_pod(0);
     c.add_pod(1);
