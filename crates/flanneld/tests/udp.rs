@@ -276,3 +276,24 @@ fn switching_away_from_udp_removes_the_persistent_device() {
         .success());
     assert!(!ns.ip(&["route"]).contains("dev flannel0"));
 }
+
+#[test]
+fn cpu_steering_attaches_and_forwards() {
+    let mut c = Cluster::new(2);
+    c.put_config(None, SEED);
+    for h in 0..2 {
+        c.start_flanneld_env(h, &["--ip-masq"], &[("FLANNEL_UDP_CPU_STEERING", "1")]);
+    }
+    c.add_pod(0);
+    c.add_pod(1);
+    c.wait_full_mesh(T);
+    let queues = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let expected = queues > 1 && flanneld::backend::udp::steer::contiguous_cpus() == Some(queues);
+    let log = c.flanneld(0).log();
+    assert!(
+        log.contains(&format!("CPU steering {expected}")),
+        "steering state not as expected ({expected}):\n{log}"
+    );
+}

@@ -68,6 +68,8 @@ pub struct Running {
     pub gso: bool,
     /// UDP receive coalescing in use.
     pub gro: bool,
+    /// Workers pinned to CPUs, with TUN queues and sockets chosen by CPU.
+    pub cpu_steering: bool,
 }
 
 /// Opens (or re-attaches to) the persistent TUN device, one handle per queue. Falls back from
@@ -115,22 +117,48 @@ pub fn start(
         queues,
         gso: false,
         gro: false,
+        cpu_steering: false,
     };
     let spin = std::env::var("FLANNEL_UDP_SPIN_US")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    for (q, dev) in devs.into_iter().enumerate() {
+    // Bind every socket first: the reuseport group's order is the workers' order.
+    let mut socks = vec![];
+    for _ in 0..queues {
         let sock = UdpSock::bind(bind, true)?;
         if mode == Mode::Offload {
             running.gso = sock.gso_supported();
             running.gro = sock.enable_gro();
         }
+        socks.push(sock);
+    }
+    let want_steering = mode != Mode::Simple
+        && queues > 1
+        && super::steer::contiguous_cpus() == Some(queues)
+        && std::env::var("FLANNEL_UDP_CPU_STEERING").as_deref() == Ok("1");
+    if want_steering {
+        let steered = super::steer::steer_tun_by_cpu(devs[0].as_raw_fd())
+            .and_then(|_| super::steer::steer_reuseport_by_cpu(socks[0].as_raw_fd()));
+        match steered {
+            Ok(()) => running.cpu_steering = true,
+            Err(e) => tracing::info!("udp: CPU steering unavailable ({e}); using flow hashing"),
+        }
+    }
+    for (q, (dev, sock)) in devs.into_iter().zip(socks).enumerate() {
         dev.set_nonblocking(true)?;
         let mut w = Worker::new(dev, sock, shared.clone(), mtu, mode, running, spin);
+        let pin = running.cpu_steering;
         std::thread::Builder::new()
             .name(format!("udp-q{q}"))
-            .spawn(move || w.run())?;
+            .spawn(move || {
+                if pin {
+                    if let Err(e) = super::steer::pin_current_thread(q) {
+                        tracing::warn!("udp: cannot pin worker {q} to CPU {q}: {e}");
+                    }
+                }
+                w.run()
+            })?;
     }
     Ok(running)
 }

@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod packet;
 pub mod routes;
 pub mod sock;
+pub mod steer;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
@@ -175,11 +176,12 @@ impl Backend for UdpBackend {
             ))
         })?;
         tracing::info!(
-            "udp: {DEVICE} mtu {mtu}, {:?} data path, {} queue(s), UDP GSO {}, GRO {}",
+            "udp: {DEVICE} mtu {mtu}, {:?} data path, {} queue(s), UDP GSO {}, GRO {}, CPU steering {}",
             running.mode,
             running.queues,
             running.gso,
-            running.gro
+            running.gro,
+            running.cpu_steering
         );
         Ok(Box::new(UdpNetwork {
             lease,
