@@ -296,44 +296,34 @@ pub struct RouteSpec {
 }
 
 impl RouteSpec {
-    fn message(&self) -> RouteMessage {
-        let mut msg = match self.dst {
-            IpNet::V4(n) => {
-                let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(n.network(), n.prefix_len())
-                    .protocol(RouteProtocol::Boot);
-                if let Some(IpAddr::V4(g)) = self.gateway {
-                    b = b.gateway(g);
-                }
-                if let Some(i) = self.oif {
-                    b = b.output_interface(i);
-                }
-                if self.onlink {
-                    b = b.onlink();
-                }
-                b.build()
-            }
-            IpNet::V6(n) => {
-                let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
-                    .destination_prefix(n.network(), n.prefix_len())
-                    .protocol(RouteProtocol::Boot);
-                if let Some(IpAddr::V6(g)) = self.gateway {
-                    b = b.gateway(g);
-                }
-                if let Some(i) = self.oif {
-                    b = b.output_interface(i);
-                }
-                if self.onlink {
-                    b = b.onlink();
-                }
-                b.build()
-            }
-        };
+    /// The netlink message for this route (protocol `boot`, as Go flannel's routes).
+    fn message(&self) -> Result<RouteMessage, NetlinkError> {
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(self.dst.network(), self.dst.prefix_len())
+            .map_err(|e| self.invalid(e))?
+            .protocol(RouteProtocol::Boot);
+        if let Some(g) = self.gateway {
+            b = b.gateway(g).map_err(|e| self.invalid(e))?;
+        }
+        if let Some(i) = self.oif {
+            b = b.output_interface(i);
+        }
+        if self.onlink {
+            b = b.onlink();
+        }
+        let mut msg = b.build();
         if self.blackhole {
             msg.header.kind = RouteType::BlackHole;
             msg.header.scope = RouteScope::Universe;
         }
-        msg
+        Ok(msg)
+    }
+
+    fn invalid(&self, e: impl std::fmt::Display) -> NetlinkError {
+        NetlinkError {
+            context: format!("invalid route {self}"),
+            source: rtnetlink::Error::InvalidNla(e.to_string()),
+        }
     }
 
     /// Whether a kernel route is this one (destination, gateway, device, type).
@@ -664,7 +654,7 @@ impl Netlink {
     pub async fn replace_route(&self, r: &RouteSpec) -> Result<(), NetlinkError> {
         self.handle
             .route()
-            .add(r.message())
+            .add(r.message()?)
             .replace()
             .execute()
             .await
@@ -673,7 +663,7 @@ impl Netlink {
 
     /// Removes a route; a route that is already gone is not an error.
     pub async fn delete_route(&self, r: &RouteSpec) -> Result<(), NetlinkError> {
-        let mut msg = r.message();
+        let mut msg = r.message()?;
         // Match whatever protocol installed it (Go flannel or us).
         msg.header.protocol = RouteProtocol::Unspec;
         match self
