@@ -268,6 +268,22 @@ pub fn is_not_found(e: &NetlinkError) -> bool {
     )
 }
 
+/// Treats "no such object" as success (deleting what is already gone).
+fn ignore_not_found(r: Result<(), NetlinkError>) -> Result<(), NetlinkError> {
+    match r {
+        Err(e) if is_not_found(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// The destination attribute of a neighbour or FDB message.
+fn neigh_destination(ip: IpAddr) -> NeighbourAttribute {
+    NeighbourAttribute::Destination(match ip {
+        IpAddr::V4(a) => NeighbourAddress::Inet(a),
+        IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+    })
+}
+
 /// Whether a netlink failure means "already exists".
 pub fn is_exists(e: &NetlinkError) -> bool {
     errno(e) == Some(libc::EEXIST)
@@ -666,17 +682,14 @@ impl Netlink {
         let mut msg = r.message()?;
         // Match whatever protocol installed it (Go flannel or us).
         msg.header.protocol = RouteProtocol::Unspec;
-        match self
-            .handle
-            .route()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(wrap(format!("failed to delete route {r}")))
-        {
-            Err(e) if is_not_found(&e) => Ok(()),
-            other => other,
-        }
+        ignore_not_found(
+            self.handle
+                .route()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(wrap(format!("failed to delete route {r}"))),
+        )
     }
 
     /// Deletes a route exactly as read from the kernel.
@@ -722,23 +735,28 @@ impl Netlink {
             IpAddr::V4(_) => AddressFamily::Inet,
             IpAddr::V6(_) => AddressFamily::Inet6,
         };
-        msg.attributes
-            .push(NeighbourAttribute::Destination(match ip {
-                IpAddr::V4(a) => NeighbourAddress::Inet(a),
-                IpAddr::V6(a) => NeighbourAddress::Inet6(a),
-            }));
-        match self
-            .handle
-            .neighbours()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(wrap(format!(
-                "failed to delete neighbour {ip} on link #{index}"
-            ))) {
-            Err(e) if is_not_found(&e) => Ok(()),
-            other => other,
-        }
+        msg.attributes.push(neigh_destination(ip));
+        self.delete_neighbour_message(
+            msg,
+            format!("failed to delete neighbour {ip} on link #{index}"),
+        )
+        .await
+    }
+
+    /// Sends a neighbour/FDB delete; an entry that is already gone is not an error.
+    async fn delete_neighbour_message(
+        &self,
+        msg: NeighbourMessage,
+        context: String,
+    ) -> Result<(), NetlinkError> {
+        ignore_not_found(
+            self.handle
+                .neighbours()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(wrap(context)),
+        )
     }
 
     /// Sets a permanent FDB entry `mac -> dst` (self) on a vxlan device.
@@ -777,26 +795,12 @@ impl Netlink {
         msg.header.state = NeighbourState::Permanent;
         msg.attributes
             .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        if let Some(d) = dst {
-            msg.attributes
-                .push(NeighbourAttribute::Destination(match d {
-                    IpAddr::V4(a) => NeighbourAddress::Inet(a),
-                    IpAddr::V6(a) => NeighbourAddress::Inet6(a),
-                }));
-        }
-        match self
-            .handle
-            .neighbours()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(wrap(format!(
-                "failed to delete FDB entry {} on link #{index}",
-                format_mac(&mac)
-            ))) {
-            Err(e) if is_not_found(&e) => Ok(()),
-            other => other,
-        }
+        msg.attributes.extend(dst.map(neigh_destination));
+        let context = format!(
+            "failed to delete FDB entry {} on link #{index}",
+            format_mac(&mac)
+        );
+        self.delete_neighbour_message(msg, context).await
     }
 
     /// Neighbour entries (`bridge == false`) or FDB entries (`bridge == true`) of one link.

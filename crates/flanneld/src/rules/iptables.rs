@@ -87,33 +87,15 @@ pub fn forward_rules(cluster: &str) -> TableRules {
 /// The (program, table rules) pairs a rule set needs.
 pub fn plan(rules: &RuleSet) -> Vec<(&'static str, TableRules)> {
     let mut v = vec![];
-    if let Some(m) = &rules.masq_v4 {
-        v.push((
-            "iptables",
-            masq_rules(
-                &m.cluster.to_string(),
-                &m.pod.to_string(),
-                "224.0.0.0/4",
-                rules.random_fully,
-            ),
-        ));
-    }
-    if let Some(m) = &rules.masq_v6 {
-        v.push((
-            "ip6tables",
-            masq_rules(
-                &m.cluster.to_string(),
-                &m.pod.to_string(),
-                "ff00::/8",
-                rules.random_fully,
-            ),
-        ));
-    }
-    if let Some(n) = &rules.forward_v4 {
-        v.push(("iptables", forward_rules(&n.to_string())));
-    }
-    if let Some(n) = &rules.forward_v6 {
-        v.push(("ip6tables", forward_rules(&n.to_string())));
+    for f in rules.families() {
+        let program = if f.v6 { "ip6tables" } else { "iptables" };
+        if let Some((cluster, pod)) = &f.masq {
+            let t = masq_rules(cluster, pod, f.multicast(), rules.random_fully);
+            v.push((program, t));
+        }
+        if let Some(cluster) = &f.forward {
+            v.push((program, forward_rules(cluster)));
+        }
     }
     v
 }

@@ -46,6 +46,52 @@ pub struct RuleSet {
     pub random_fully: bool,
 }
 
+/// One address family's part of a rule set, as the text both firewalls write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyRules {
+    /// IPv6 (else IPv4).
+    pub v6: bool,
+    /// (cluster network, pod subnet) to masquerade for.
+    pub masq: Option<(String, String)>,
+    /// The cluster network to accept in FORWARD.
+    pub forward: Option<String>,
+}
+
+impl FamilyRules {
+    /// Multicast range never masqueraded.
+    pub fn multicast(&self) -> &'static str {
+        if self.v6 {
+            "ff00::/8"
+        } else {
+            "224.0.0.0/4"
+        }
+    }
+}
+
+impl RuleSet {
+    /// The IPv4 part, then the IPv6 part.
+    pub fn families(&self) -> [FamilyRules; 2] {
+        [
+            FamilyRules {
+                v6: false,
+                masq: self
+                    .masq_v4
+                    .as_ref()
+                    .map(|m| (m.cluster.to_string(), m.pod.to_string())),
+                forward: self.forward_v4.map(|n| n.to_string()),
+            },
+            FamilyRules {
+                v6: true,
+                masq: self
+                    .masq_v6
+                    .as_ref()
+                    .map(|m| (m.cluster.to_string(), m.pod.to_string())),
+                forward: self.forward_v6.map(|n| n.to_string()),
+            },
+        ]
+    }
+}
+
 /// A firewall flannel manages its rules in.
 #[async_trait]
 pub trait TrafficRules: Send + Sync {

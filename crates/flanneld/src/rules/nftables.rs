@@ -63,37 +63,15 @@ type ChainRules = (&'static Family, &'static str, Vec<String>, Vec<String>);
 /// The chains a rule set needs.
 fn chains(rules: &RuleSet) -> Vec<ChainRules> {
     let mut v = vec![];
-    if let Some(m) = &rules.masq_v4 {
-        v.push((
-            &V4,
-            "postrtg",
-            vec![MARK_RULE.to_string()],
-            masq_rules(
-                &V4,
-                &m.cluster.to_string(),
-                &m.pod.to_string(),
-                rules.random_fully,
-            ),
-        ));
-    }
-    if let Some(n) = &rules.forward_v4 {
-        v.push((&V4, "forward", vec![], forward_rules(&V4, &n.to_string())));
-    }
-    if let Some(m) = &rules.masq_v6 {
-        v.push((
-            &V6,
-            "postrtg",
-            vec![MARK_RULE.to_string()],
-            masq_rules(
-                &V6,
-                &m.cluster.to_string(),
-                &m.pod.to_string(),
-                rules.random_fully,
-            ),
-        ));
-    }
-    if let Some(n) = &rules.forward_v6 {
-        v.push((&V6, "forward", vec![], forward_rules(&V6, &n.to_string())));
+    for fr in rules.families() {
+        let f = if fr.v6 { &V6 } else { &V4 };
+        if let Some((cluster, pod)) = &fr.masq {
+            let body = masq_rules(f, cluster, pod, rules.random_fully);
+            v.push((f, "postrtg", vec![MARK_RULE.to_string()], body));
+        }
+        if let Some(cluster) = &fr.forward {
+            v.push((f, "forward", vec![], forward_rules(f, cluster)));
+        }
     }
     v
 }
