@@ -20,6 +20,7 @@ use crate::lease::{Lease, LeaseEvent, LeaseWatcher, StoreUpdate};
 use crate::netlink::{Netlink, RouteSpec};
 use crate::rules::{self, Masq, RuleSet};
 use crate::store::etcd::{EtcdSettings, EtcdStore};
+use crate::store::kube::{KubeSettings, KubeStore};
 use crate::store::{OwnLeaseEvent, SubnetStore};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -121,14 +122,28 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
     if !(1..=1439).contains(&opts.subnet_lease_renew_margin) {
         bail!("Invalid subnet-lease-renew-margin option, out of acceptable range");
     }
-    if opts.kube_subnet_mgr {
-        bail!("--kube-subnet-mgr is not supported by this build yet; use the etcd subnet manager");
-    }
-    let public_ip: Option<Ipv4Addr> = parse_opt(&opts.public_ip, "--public-ip")?;
-    let public_ipv6: Option<Ipv6Addr> = parse_opt(&opts.public_ipv6, "--public-ipv6")?;
+    let mut public_ip: Option<Ipv4Addr> = parse_opt(&opts.public_ip, "--public-ip")?;
+    let mut public_ipv6: Option<Ipv6Addr> = parse_opt(&opts.public_ipv6, "--public-ipv6")?;
     let can_reach: Option<IpAddr> = parse_opt(&opts.iface_can_reach, "--iface-can-reach")?;
 
-    let store: Arc<dyn SubnetStore> = Arc::new(etcd_store(&opts));
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+
+    let store: Arc<dyn SubnetStore> = if opts.kube_subnet_mgr {
+        let settings = KubeSettings {
+            api_url: opts.kube_api_url.clone(),
+            kubeconfig: opts.kubeconfig_file.clone(),
+            annotation_prefix: opts.kube_annotation_prefix.clone(),
+            net_config_path: opts.net_config_path.clone(),
+            set_node_network_unavailable: opts.set_node_network_unavailable,
+        };
+        tokio::select! {
+            s = KubeStore::connect(settings) => Arc::new(s.context("Failed to create SubnetManager")?),
+            _ = &mut signal => return Ok(Shutdown::Signal),
+        }
+    } else {
+        Arc::new(etcd_store(&opts))
+    };
     tracing::info!("Created subnet manager: {}", store.name());
 
     let readiness = Readiness::default();
@@ -148,9 +163,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
         tasks.spawn(health::serve(listener, readiness.clone()));
     }
 
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
-
     let config = tokio::select! {
         c = wait_for_config(store.as_ref()) => c,
         _ = &mut signal => return Ok(Shutdown::Signal),
@@ -159,6 +171,20 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
         bail!("none defined stack");
     }
     check_br_netfilter(&config)?;
+
+    // Kube mode: the node-public-ip(v6) annotations replace --public-ip(v6).
+    let (stored4, stored6) = tokio::select! {
+        s = store.stored_public_ips() => s,
+        _ = &mut signal => return Ok(Shutdown::Signal),
+    };
+    if let Some(ip) = stored4 {
+        tracing::info!("Using public IP {ip} from the node-public-ip annotation");
+        public_ip = Some(ip);
+    }
+    if let Some(ip) = stored6 {
+        tracing::info!("Using public IPv6 {ip} from the node-public-ipv6 annotation");
+        public_ipv6 = Some(ip);
+    }
 
     let nl = Netlink::open().context("failed to open netlink")?;
     let selection = Selection {
@@ -235,7 +261,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
 
     // Lease watch -> backend.
     tracing::info!("Running backend.");
-    let (watch_tx, watch_rx) = mpsc::channel(16);
+    let (watch_tx, watch_rx) = mpsc::channel(store.event_queue_depth());
     {
         let store = store.clone();
         tasks.spawn(async move {
@@ -249,6 +275,16 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
         LeaseWatcher::new(lease.key),
         watch_rx,
     ));
+
+    {
+        let store = store.clone();
+        let lease = lease.clone();
+        tasks.spawn(async move {
+            if let Err(e) = store.complete_lease(&lease).await {
+                tracing::error!("{e}");
+            }
+        });
+    }
 
     let margin = Duration::from_secs(opts.subnet_lease_renew_margin as u64 * 60);
     let outcome = tokio::select! {

@@ -4,6 +4,7 @@
 
 pub mod allocate;
 pub mod etcd;
+pub mod kube;
 
 use async_trait::async_trait;
 use flannel_types::{ConfigError, LeaseAttrs, NetworkConfig};
@@ -37,6 +38,9 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The store's data or the local configuration makes a lease impossible (fatal).
+    #[error("{0}")]
+    Invalid(String),
     /// A local file (TLS material) could not be read.
     #[error("{context}: {source}")]
     Io {
@@ -79,6 +83,25 @@ pub trait SubnetStore: Send + Sync {
         _public_ip: std::net::Ipv4Addr,
     ) -> Result<Option<Lease>, StoreError> {
         Ok(None)
+    }
+
+    /// Capacity of the lease-update queue between the store and the backend.
+    fn event_queue_depth(&self) -> usize {
+        16
+    }
+
+    /// Public addresses an operator stored for this host (kube: `node-public-ip(v6)`), which
+    /// replace `--public-ip(v6)`.
+    async fn stored_public_ips(
+        &self,
+    ) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+        (None, None)
+    }
+
+    /// Called once subnet.env is written and the backend runs (kube: clears the node's
+    /// NetworkUnavailable condition).
+    async fn complete_lease(&self, _lease: &Lease) -> Result<(), StoreError> {
+        Ok(())
     }
 
     /// Extends the lease before it expires; returns the lease with its new expiry.
