@@ -9,6 +9,7 @@ pub mod cni;
 pub mod etcd;
 pub mod fixture;
 pub mod flanneld;
+pub mod kubeapi;
 pub mod netns;
 pub mod tls;
 
@@ -20,6 +21,7 @@ pub use cluster::{Cluster, Pod};
 pub use etcd::Etcd;
 pub use fixture::EtcdHost;
 pub use flanneld::Flanneld;
+pub use kubeapi::{KubeApiOptions, KubeApiServer};
 pub use netns::{Host, NetNs};
 
 /// Prefix of every namespace and temp dir the test-bed creates (with the creating pid after it).
