@@ -22,7 +22,20 @@ fn init_logging(verbosity: i64) {
         .init();
 }
 
+/// Keeps the resident size flat: large transient buffers (API list pages, netlink dumps) are
+/// always mmapped and returned on free (glibc's dynamic threshold would otherwise move them into
+/// the heap for good), and at most two malloc arenas exist.
+fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator parameters; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let mut args = std::env::args();
     let argv0 = args.next().unwrap_or_else(|| "flanneld".into());
     let env: BTreeMap<String, String> = std::env::vars()

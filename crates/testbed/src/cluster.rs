@@ -46,6 +46,8 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     /// The etcd server on host 0.
     pub etcd: Etcd,
+    /// The Kubernetes API server on host 0, in kube-mode clusters.
+    pub kube: Option<crate::kubeapi::KubeApiServer>,
     /// The hosts.
     pub hosts: Vec<ClusterHost>,
     /// Scratch space.
@@ -69,6 +71,7 @@ impl Cluster {
         Cluster {
             pods: vec![],
             etcd,
+            kube: None,
             hosts,
             dir,
             underlay,

@@ -92,9 +92,7 @@ pub trait SubnetStore: Send + Sync {
 
     /// Public addresses an operator stored for this host (kube: `node-public-ip(v6)`), which
     /// replace `--public-ip(v6)`.
-    async fn stored_public_ips(
-        &self,
-    ) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+    async fn stored_public_ips(&self) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
         (None, None)
     }
 

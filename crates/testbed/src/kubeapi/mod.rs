@@ -33,6 +33,8 @@ use store::{State, NODES, PODS};
 /// The user name of [`KubeApiServer::FLANNEL_TOKEN`] (and of the generated flannel client
 /// certificate).
 pub const FLANNEL_USER: &str = "system:serviceaccount:kube-flannel:flannel";
+/// A user with a valid client certificate but no RBAC grants (every request is forbidden).
+pub const NOBODY_USER: &str = "system:node:nobody";
 /// The user name of [`KubeApiServer::ADMIN_TOKEN`].
 pub const ADMIN_USER: &str = "admin";
 

@@ -149,6 +149,7 @@ pub(crate) fn material(tls: &KubeTls, ip: IpAddr) -> KubeTlsFiles {
     for (file, user, org) in [
         ("admin", "admin", Some("system:masters")),
         ("flannel", super::FLANNEL_USER, None),
+        ("nobody", super::NOBODY_USER, None),
     ] {
         let subj = match org {
             Some(o) => format!("/O={o}/CN={user}"),

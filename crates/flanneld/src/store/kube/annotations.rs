@@ -83,7 +83,8 @@ impl Annotations {
     pub fn is_ours(&self, key: &str) -> bool {
         // All names share the prefix up to and including "kube-subnet-manager"'s start.
         let prefix_len = self.subnet_kube_managed.len() - "kube-subnet-manager".len();
-        key.len() > prefix_len && key.as_bytes()[..prefix_len] == self.subnet_kube_managed.as_bytes()[..prefix_len]
+        key.len() > prefix_len
+            && key.as_bytes()[..prefix_len] == self.subnet_kube_managed.as_bytes()[..prefix_len]
     }
 }
 
@@ -95,8 +96,14 @@ mod tests {
     fn reference_prefix_cases() {
         let a = Annotations::new("flannel.alpha.coreos.com").unwrap();
         assert_eq!(a.backend_type, "flannel.alpha.coreos.com/backend-type");
-        assert_eq!(a.subnet_kube_managed, "flannel.alpha.coreos.com/kube-subnet-manager");
-        assert_eq!(a.node_public_ipv6, "flannel.alpha.coreos.com/node-public-ipv6");
+        assert_eq!(
+            a.subnet_kube_managed,
+            "flannel.alpha.coreos.com/kube-subnet-manager"
+        );
+        assert_eq!(
+            a.node_public_ipv6,
+            "flannel.alpha.coreos.com/node-public-ipv6"
+        );
         let a = Annotations::new("org.com/prefix").unwrap();
         assert_eq!(a.backend_type, "org.com/prefix-backend-type");
         let a = Annotations::new("org.com/").unwrap();
@@ -107,7 +114,14 @@ mod tests {
             Annotations::new("a.b/c/d"),
             Err(PrefixError::TooManySlashes)
         );
-        for bad in ["Flannel.io", "nodots", "org.com/UPPER", "org.com/a.b", ".org.com", ""] {
+        for bad in [
+            "Flannel.io",
+            "nodots",
+            "org.com/UPPER",
+            "org.com/a.b",
+            ".org.com",
+            "",
+        ] {
             assert_eq!(Annotations::new(bad), Err(PrefixError::BadFormat), "{bad}");
         }
     }

@@ -16,16 +16,26 @@ const NODES: &str = "/api/v1/nodes";
 /// Builds the client: `--kubeconfig-file` (current context; `--kube-api-url` overrides its
 /// server), else `--kube-api-url` alone, else the in-cluster service account.
 pub async fn build(api_url: &str, kubeconfig: &str) -> Result<Client, StoreError> {
-    let fail = |context: &str, e: Box<dyn std::error::Error + Send + Sync>| StoreError::Unavailable {
-        context: context.to_string(),
-        source: e,
-    };
+    let fail =
+        |context: &str, e: Box<dyn std::error::Error + Send + Sync>| StoreError::Unavailable {
+            context: context.to_string(),
+            source: e,
+        };
     let mut config = if !kubeconfig.is_empty() {
-        let kc = Kubeconfig::read_from(kubeconfig)
-            .map_err(|e| fail(&format!("fail to create kubernetes config: reading {kubeconfig}"), e.into()))?;
+        let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| {
+            fail(
+                &format!("fail to create kubernetes config: reading {kubeconfig}"),
+                e.into(),
+            )
+        })?;
         Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
-            .map_err(|e| fail(&format!("fail to create kubernetes config from {kubeconfig}"), e.into()))?
+            .map_err(|e| {
+                fail(
+                    &format!("fail to create kubernetes config from {kubeconfig}"),
+                    e.into(),
+                )
+            })?
     } else if !api_url.is_empty() {
         Config::new(parse_url(api_url)?)
     } else {
@@ -45,10 +55,11 @@ pub async fn build(api_url: &str, kubeconfig: &str) -> Result<Client, StoreError
 }
 
 fn parse_url(url: &str) -> Result<http::Uri, StoreError> {
-    url.parse::<http::Uri>().map_err(|e| StoreError::Unavailable {
-        context: format!("invalid --kube-api-url {url:?}"),
-        source: e.into(),
-    })
+    url.parse::<http::Uri>()
+        .map_err(|e| StoreError::Unavailable {
+            context: format!("invalid --kube-api-url {url:?}"),
+            source: e.into(),
+        })
 }
 
 /// One line for an operator: what failed and, for the usual causes, what to check.
@@ -112,7 +123,12 @@ pub async fn patch_node_status(
     patch: &serde_json::Value,
 ) -> Result<MiniNode, kube::Error> {
     let req = Request::new(NODES)
-        .patch_subresource("status", name, &PatchParams::default(), &Patch::Strategic(patch))
+        .patch_subresource(
+            "status",
+            name,
+            &PatchParams::default(),
+            &Patch::Strategic(patch),
+        )
         .map_err(kube::Error::BuildRequest)?;
     client.request(req).await
 }
@@ -128,7 +144,9 @@ pub async fn list_nodes(
         continue_token,
         ..ListParams::default()
     };
-    let req = Request::new(NODES).list(&lp).map_err(kube::Error::BuildRequest)?;
+    let req = Request::new(NODES)
+        .list(&lp)
+        .map_err(kube::Error::BuildRequest)?;
     client.request(req).await
 }
 

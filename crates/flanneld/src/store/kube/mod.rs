@@ -98,11 +98,14 @@ impl KubeStore {
         let config = NetworkConfig::parse(&text)
             .map_err(|e| invalid(format!("error parsing subnet config: {e}")))?;
         let queue_depth = match std::env::var("EVENT_QUEUE_DEPTH") {
-            Ok(v) if !v.is_empty() => v.trim().parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                invalid(format!(
-                    "EVENT_QUEUE_DEPTH={v:?} is not a positive integer"
-                ))
-            })?,
+            Ok(v) if !v.is_empty() => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    invalid(format!("EVENT_QUEUE_DEPTH={v:?} is not a positive integer"))
+                })?,
             _ => DEFAULT_QUEUE_DEPTH,
         };
         let client = client::build(&s.api_url, &s.kubeconfig).await?;
@@ -202,11 +205,9 @@ impl KubeStore {
                     self.node_name
                 )))
             }
-            (false, _) => {
-                return Err(invalid(
-                    "kube mode of flannel-rs needs EnableIPv4 (IPv6-only networks are not supported)",
-                ))
-            }
+            (false, _) => return Err(invalid(
+                "kube mode of flannel-rs needs EnableIPv4 (IPv6-only networks are not supported)",
+            )),
         };
         let v6 = match (self.config.enable_ipv6, cidrs.v6) {
             (true, Some(c)) => {
@@ -242,7 +243,11 @@ async fn resolve_node_name(client: &kube::Client) -> Result<String, StoreError> 
     }
     let (pod, ns) = match (std::env::var("POD_NAME"), std::env::var("POD_NAMESPACE")) {
         (Ok(p), Ok(n)) if !p.is_empty() && !n.is_empty() => (p, n),
-        _ => return Err(invalid("env variables POD_NAME and POD_NAMESPACE must be set")),
+        _ => {
+            return Err(invalid(
+                "env variables POD_NAME and POD_NAMESPACE must be set",
+            ))
+        }
     };
     let mut backoff = Backoff::new();
     loop {
@@ -396,7 +401,8 @@ impl SubnetStore for KubeStore {
             return Ok(());
         }
         let patch = node::network_available_patch(SystemTime::now());
-        self.patch_status(&patch, "NetworkUnavailable condition").await;
+        self.patch_status(&patch, "NetworkUnavailable condition")
+            .await;
         tracing::info!(
             "node {:?}: NetworkUnavailable=False (FlannelIsUp)",
             self.node_name

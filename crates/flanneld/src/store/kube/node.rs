@@ -272,8 +272,15 @@ pub fn lease_from_node(
 }
 
 /// The annotation values a node must carry for `attrs` (after the operator's overwrites).
-pub fn desired_annotations(node: &MiniNode, ann: &Annotations, attrs: &LeaseAttrs) -> Vec<(String, String)> {
-    let data = |d: &Option<RawJson>| d.as_ref().map_or("null".to_string(), |d| d.get().to_string());
+pub fn desired_annotations(
+    node: &MiniNode,
+    ann: &Annotations,
+    attrs: &LeaseAttrs,
+) -> Vec<(String, String)> {
+    let data = |d: &Option<RawJson>| {
+        d.as_ref()
+            .map_or("null".to_string(), |d| d.get().to_string())
+    };
     let overwrite = node.annotation(&ann.backend_public_ip_overwrite);
     let public_ip = if overwrite.is_empty() {
         attrs.public_ip.to_string()
@@ -366,7 +373,10 @@ mod tests {
         serde_json::from_value(json).unwrap()
     }
 
-    const FAM4: Families = Families { v4: true, v6: false };
+    const FAM4: Families = Families {
+        v4: true,
+        v6: false,
+    };
 
     #[test]
     fn go_vxlan_node_becomes_lease() {
@@ -390,26 +400,36 @@ mod tests {
 
     #[test]
     fn unmanaged_and_broken_nodes() {
-        let n = node(serde_json::json!({"metadata": {"name": "n"}, "spec": {"podCIDR": "10.0.0.0/24"}}));
+        let n = node(
+            serde_json::json!({"metadata": {"name": "n"}, "spec": {"podCIDR": "10.0.0.0/24"}}),
+        );
         assert_eq!(lease_from_node(&n, &ann(), FAM4), Ok(None));
-        let n = node(serde_json::json!({"metadata": {"name": "n", "annotations": {
+        let n = node(
+            serde_json::json!({"metadata": {"name": "n", "annotations": {
             "flannel.alpha.coreos.com/kube-subnet-manager": "true",
             "flannel.alpha.coreos.com/public-ip": "garbage"}},
-            "spec": {"podCIDR": "10.0.0.0/24"}}));
-        assert!(lease_from_node(&n, &ann(), FAM4).unwrap_err().contains("garbage"));
-        let n = node(serde_json::json!({"metadata": {"name": "n", "annotations": {
+            "spec": {"podCIDR": "10.0.0.0/24"}}),
+        );
+        assert!(lease_from_node(&n, &ann(), FAM4)
+            .unwrap_err()
+            .contains("garbage"));
+        let n = node(
+            serde_json::json!({"metadata": {"name": "n", "annotations": {
             "flannel.alpha.coreos.com/kube-subnet-manager": "true",
             "flannel.alpha.coreos.com/public-ip": "1.2.3.4",
             "flannel.alpha.coreos.com/backend-data": "{not json"}},
-            "spec": {"podCIDR": "10.0.0.0/24"}}));
+            "spec": {"podCIDR": "10.0.0.0/24"}}),
+        );
         assert!(lease_from_node(&n, &ann(), FAM4).is_err());
         // host-gw writes the literal null.
-        let n = node(serde_json::json!({"metadata": {"name": "n", "annotations": {
+        let n = node(
+            serde_json::json!({"metadata": {"name": "n", "annotations": {
             "flannel.alpha.coreos.com/kube-subnet-manager": "true",
             "flannel.alpha.coreos.com/backend-type": "host-gw",
             "flannel.alpha.coreos.com/backend-data": "null",
             "flannel.alpha.coreos.com/public-ip": "1.2.3.4"}},
-            "spec": {"podCIDR": "10.0.0.7/24"}}));
+            "spec": {"podCIDR": "10.0.0.7/24"}}),
+        );
         let l = lease_from_node(&n, &ann(), FAM4).unwrap().unwrap();
         assert_eq!(l.attrs.backend_data, None);
         assert_eq!(l.key.to_string(), "10.0.0.0-24");
@@ -418,16 +438,21 @@ mod tests {
     #[test]
     fn pod_cidr_rules() {
         let mk = |one: &str, all: &[&str]| {
-            node(serde_json::json!({"metadata": {"name": "n1"}, "spec": {"podCIDR": one, "podCIDRs": all}}))
+            node(
+                serde_json::json!({"metadata": {"name": "n1"}, "spec": {"podCIDR": one, "podCIDRs": all}}),
+            )
         };
         assert_eq!(
             pod_cidrs(&mk("", &[])).unwrap_err().to_string(),
             "node \"n1\" pod cidr not assigned"
         );
         assert_eq!(
-            pod_cidrs(&mk("10.0.0.0/24", &["10.0.0.0/24", "fd00::/64", "10.1.0.0/24"]))
-                .unwrap_err()
-                .to_string(),
+            pod_cidrs(&mk(
+                "10.0.0.0/24",
+                &["10.0.0.0/24", "fd00::/64", "10.1.0.0/24"]
+            ))
+            .unwrap_err()
+            .to_string(),
             "node \"n1\" pod cidrs should be IPv4/IPv6 only or dualstack"
         );
         let c = pod_cidrs(&mk("10.0.0.0/24", &["10.0.0.0/24", "fd00:1::/64"])).unwrap();
@@ -445,8 +470,10 @@ mod tests {
             backend_data: None,
             backend_v6_data: None,
         };
-        let mut n = node(serde_json::json!({"metadata": {"name": "n", "annotations": {
-            "flannel.alpha.coreos.com/public-ip-overwrite": "172.18.0.2"}}}));
+        let mut n = node(
+            serde_json::json!({"metadata": {"name": "n", "annotations": {
+            "flannel.alpha.coreos.com/public-ip-overwrite": "172.18.0.2"}}}),
+        );
         let want = desired_annotations(&n, &a, &attrs);
         let p = annotation_patch(&n, &want).unwrap();
         assert_eq!(

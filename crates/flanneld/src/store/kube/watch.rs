@@ -141,7 +141,10 @@ enum WatchEnd {
 }
 
 /// Runs until the receiver goes away.
-pub(super) async fn run(store: &KubeStore, tx: mpsc::Sender<StoreUpdate>) -> Result<(), StoreError> {
+pub(super) async fn run(
+    store: &KubeStore,
+    tx: mpsc::Sender<StoreUpdate>,
+) -> Result<(), StoreError> {
     let mut tracker = Tracker {
         store,
         leases: HashMap::new(),
@@ -153,7 +156,10 @@ pub(super) async fn run(store: &KubeStore, tx: mpsc::Sender<StoreUpdate>) -> Res
             Ok(x) => x,
             Err(e) => {
                 let wait = backoff.step();
-                tracing::error!("failed to list nodes: {} (retrying in {wait:?})", explain(&e));
+                tracing::error!(
+                    "failed to list nodes: {} (retrying in {wait:?})",
+                    explain(&e)
+                );
                 tokio::time::sleep(wait).await;
                 continue;
             }
@@ -161,7 +167,10 @@ pub(super) async fn run(store: &KubeStore, tx: mpsc::Sender<StoreUpdate>) -> Res
         backoff.reset();
         let leases = tracker.reset(&nodes);
         drop(nodes);
-        tracing::info!("Node list: {} flannel lease(s) of other nodes, resourceVersion {rv}", leases.len());
+        tracing::info!(
+            "Node list: {} flannel lease(s) of other nodes, resourceVersion {rv}",
+            leases.len()
+        );
         if tx.send(StoreUpdate::Snapshot(leases)).await.is_err() {
             return Ok(());
         }
