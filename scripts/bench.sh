@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Benchmark: underlay vs host-gw vs vxlan pod-to-pod throughput and latency, side by side.
-# Needs root (namespaces). Extra arguments go to frs-bench (--seconds, --streams, --rounds).
+# Benchmarks (release build, needs root for namespaces):
+#   ./scripts/bench.sh [--seconds N] [--streams N] [--rounds N] [--modes a,b,..]
+#       data path: underlay vs host-gw vs vxlan vs udp, pod-to-pod throughput and latency;
+#   ./scripts/bench.sh kube [--nodes N] [--adds N] [--heartbeats N]
+#       kube mode: one flanneld against N kubelet-shaped Nodes (memory, start-up, event latency).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo build --workspace --release
+if [ "${1:-}" = kube ]; then
+    shift
+    exec ./target/release/frs-kube-bench "$@"
+fi
 exec ./target/release/frs-bench "$@"

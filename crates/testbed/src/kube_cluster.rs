@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::kubeapi::{KubeApiOptions, KubeApiServer, KubeTls};
+use crate::kubeapi::{kubelet_like_node, KubeApiOptions, KubeApiServer, KubeTls};
 use crate::{Cluster, Flanneld};
 
 /// Port of the test API server.
@@ -42,9 +42,47 @@ impl Cluster {
         self.kube.as_ref().expect("cluster built with_kube_api")
     }
 
-    /// Registers host `i`'s Node with these pod CIDRs (empty: not assigned yet).
+    /// Registers host `i`'s Node as a kubelet would (addresses, capacity, conditions, images)
+    /// with these pod CIDRs (empty: not assigned yet).
     pub fn create_node(&self, i: usize, pod_cidrs: &[&str]) {
-        self.kube().create_node(&node_name(i), pod_cidrs, &[]);
+        let mut node = kubelet_like_node(&node_name(i), "", self.hosts[i].ip, &[]);
+        let spec = &mut node["spec"];
+        match pod_cidrs.first() {
+            Some(first) => {
+                spec["podCIDR"] = (*first).into();
+                spec["podCIDRs"] = pod_cidrs.iter().map(|c| serde_json::json!(c)).collect();
+            }
+            None => {
+                if let Some(m) = spec.as_object_mut() {
+                    m.remove("podCIDR");
+                    m.remove("podCIDRs");
+                }
+            }
+        }
+        self.kube().create_object(node);
+    }
+
+    /// Runs the real `kubectl` as the cluster admin (inside host 1, where the API server
+    /// listens) and returns its output; panics if it fails.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let home = self.dir.join("kubectl-home");
+        let _ = std::fs::create_dir_all(&home);
+        let kc = self.kubeconfig(KubeApiServer::ADMIN_TOKEN);
+        let mut cmd = self.hosts[0].ns.command("kubectl");
+        cmd.env("HOME", &home)
+            .env_remove("KUBECONFIG")
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .arg("--cache-dir")
+            .arg(home.join("cache"))
+            .args(args);
+        let out = cmd.output().expect("run kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Registers one Node per host, host `i` getting `<prefix>.<i+1>.0/24`.

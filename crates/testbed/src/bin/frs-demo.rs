@@ -2,7 +2,9 @@
 //!
 //! Brings up an underlay, etcd and one flanneld per host (vxlan by default, `--backend NAME` to
 //! choose), attaches two pods per host through the reference CNI plugins, prints every host's
-//! lease and a pod-to-pod ping matrix, then tears it all down.
+//! lease and a pod-to-pod ping matrix, then tears it all down. With `--kube` the hosts run in
+//! Kubernetes mode instead: the test API server on host 1, one Node per host with its podCIDR,
+//! flanneld started as the DaemonSet starts it, and `kubectl` showing the nodes and annotations.
 
 use std::time::Duration;
 
@@ -13,13 +15,17 @@ fn main() {
     testbed::require_root();
     let mut backend = "vxlan".to_string();
     let mut hosts = 3usize;
+    let mut kube = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--backend" => backend = args.next().expect("--backend NAME"),
             "--hosts" => hosts = args.next().and_then(|n| n.parse().ok()).expect("--hosts N"),
+            "--kube" => kube = true,
             "-h" | "--help" => {
-                println!("usage: frs-demo [--backend vxlan|host-gw|alloc] [--hosts N]");
+                println!(
+                    "usage: frs-demo [--kube] [--backend vxlan|host-gw|udp|alloc] [--hosts N]"
+                );
                 return;
             }
             other => {
@@ -27,6 +33,10 @@ fn main() {
                 std::process::exit(2);
             }
         }
+    }
+    if kube {
+        kube_demo(&backend, hosts);
+        return;
     }
     let mut c = Cluster::new(hosts);
     let config = format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{backend}"}}}}"#);
@@ -66,6 +76,70 @@ fn main() {
         );
     }
 
+    finish(c, &backend);
+}
+
+/// Kubernetes mode: API server, Nodes with podCIDRs, flanneld with `--kube-subnet-mgr`.
+fn kube_demo(backend: &str, hosts: usize) {
+    let mut c = Cluster::with_kube_api(hosts);
+    c.create_nodes("10.244");
+    let conf = format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{backend}"}}}}"#);
+    c.write_net_conf(&conf);
+    println!(
+        "== {hosts} hosts on underlay 192.168.100.0/24, Kubernetes API (test server) at {}",
+        c.kube().url()
+    );
+    println!("== net-conf.json = {conf}");
+    for i in 0..hosts {
+        c.start_flanneld_kube(i, &["--ip-masq"]);
+    }
+    for h in 0..hosts {
+        c.add_pod(h);
+        c.add_pod(h);
+    }
+    // The NetworkUnavailable condition is written right after start; wait for every node.
+    for i in 0..hosts {
+        let name = testbed::kube_cluster::node_name(i);
+        testbed::wait_for(Duration::from_secs(20), "NetworkUnavailable=False", || {
+            let n = c.kube().node(&name)?;
+            n["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .any(|x| x["type"] == "NetworkUnavailable" && x["status"] == "False")
+                .then_some(())
+        });
+    }
+    println!("\n== kubectl get nodes -o wide");
+    print!("{}", c.kubectl(&["get", "nodes", "-o", "wide"]));
+    println!("\n== kubectl get nodes -o custom-columns=... (flannel's annotations)");
+    let a = "metadata.annotations.flannel\\.alpha\\.coreos\\.com/";
+    let columns = format!(
+        "NODE:.metadata.name,PODCIDR:.spec.podCIDR,BACKEND:.{a}backend-type,PUBLIC-IP:.{a}public-ip,BACKEND-DATA:.{a}backend-data,NETWORK-UNAVAILABLE:.status.conditions[?(@.type==\"NetworkUnavailable\")].reason"
+    );
+    print!(
+        "{}",
+        c.kubectl(&["get", "nodes", "-o", &format!("custom-columns={columns}")])
+    );
+    println!("\n== subnet.env and flanneld memory per host");
+    for (i, h) in c.hosts.iter().enumerate() {
+        let rss = h
+            .flanneld
+            .as_ref()
+            .and_then(|f| f.rss_kib())
+            .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+            .unwrap_or_default();
+        println!(
+            "h{}  FLANNEL_SUBNET={}  FLANNEL_MTU={}  RSS {rss}",
+            i + 1,
+            c.env_var(i, "FLANNEL_SUBNET"),
+            c.env_var(i, "FLANNEL_MTU")
+        );
+    }
+    finish(c, backend);
+}
+
+/// Prints the pod-to-pod ping matrix, tears everything down, and fails if a pair is unreachable.
+fn finish(c: Cluster, backend: &str) {
     // Give the overlay a moment to converge, then show reachability (no waiting per cell).
     if backend != "alloc" {
         c.wait_full_mesh(Duration::from_secs(20));
