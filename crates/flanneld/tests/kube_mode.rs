@@ -554,6 +554,12 @@ fn startup_errors_are_clear() {
     assert!(f
         .log()
         .contains("subnet/kube: prefix must be in a format: fqdn/[0-9a-z-_]*"));
+    // A queue depth that is not a number.
+    let mut f = c.spawn_flanneld_kube(0, &[], &[("EVENT_QUEUE_DEPTH", "lots")]);
+    assert_eq!(f.wait_exit(T).code(), Some(1));
+    assert!(f
+        .log()
+        .contains("EVENT_QUEUE_DEPTH=\"lots\" is not a positive integer"));
     // A missing net-conf.json.
     let mut f = c.spawn_flanneld_kube(0, &["--net-config-path=/nonexistent/net-conf.json"], &[]);
     assert_eq!(f.wait_exit(T).code(), Some(1));
