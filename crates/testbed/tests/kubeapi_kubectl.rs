@@ -413,6 +413,228 @@ fn kubectl_watch_sees_changes() {
     assert!(watch.query.contains("resourceVersion="), "{}", watch.query);
 }
 
+/// kubectl's human-readable output, cut into cells at the header's column starts (kubectl
+/// aligns with a tabwriter, and cells such as OS-IMAGE contain spaces).
+fn table_rows(out: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut lines = out.lines().filter(|l| !l.trim().is_empty());
+    let header = lines.next().unwrap_or_else(|| panic!("no header: {out:?}"));
+    let mut starts = Vec::new();
+    let mut prev = ' ';
+    for (i, c) in header.char_indices() {
+        // A column starts after two or more spaces (headers like NOMINATED NODE have one).
+        if c != ' ' && (i == 0 || (prev == ' ' && header[..i].ends_with("  "))) {
+            starts.push(i);
+        }
+        prev = c;
+    }
+    let cut = |l: &str| -> Vec<String> {
+        (0..starts.len())
+            .map(|j| {
+                let end = starts.get(j + 1).copied().unwrap_or(l.len()).min(l.len());
+                l.get(starts[j].min(l.len())..end)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
+            .collect()
+    };
+    (cut(header), lines.map(cut).collect())
+}
+
+fn row_named<'a>(rows: &'a [Vec<String>], name: &str, out: &str) -> &'a [String] {
+    rows.iter()
+        .find(|r| r[0] == name)
+        .unwrap_or_else(|| panic!("no row {name}: {out}"))
+}
+
+#[test]
+fn kubectl_prints_server_side_tables() {
+    let k = Kube::new("kube-tables");
+    let s = &k.server;
+    s.create_object(kubelet_like_node(
+        "worker-1",
+        "10.244.1.0/24",
+        std::net::Ipv4Addr::new(10, 0, 0, 11),
+        &[],
+    ));
+    let mut cp = kubelet_like_node(
+        "cp-1",
+        "10.244.0.0/24",
+        std::net::Ipv4Addr::new(10, 0, 0, 10),
+        &[],
+    );
+    cp["metadata"]["labels"]["node-role.kubernetes.io/control-plane"] = "".into();
+    cp["spec"]["unschedulable"] = true.into();
+    s.create_object(cp);
+    s.create_node("bare", &[], &[]);
+
+    let out = k.ok(&["get", "nodes", "-o", "wide"]);
+    let (header, rows) = table_rows(&out);
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "STATUS",
+            "ROLES",
+            "AGE",
+            "VERSION",
+            "INTERNAL-IP",
+            "EXTERNAL-IP",
+            "OS-IMAGE",
+            "KERNEL-VERSION",
+            "CONTAINER-RUNTIME"
+        ],
+        "{out}"
+    );
+    let names: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(names, ["bare", "cp-1", "worker-1"], "{out}");
+    let w = row_named(&rows, "worker-1", &out);
+    assert_eq!(w[1], "Ready", "{out}");
+    assert_eq!(w[2], "<none>", "{out}");
+    assert!(
+        w[3].ends_with('s') && w[3].trim_end_matches('s').parse::<u64>().is_ok(),
+        "a fresh node's AGE is in seconds: {out}"
+    );
+    assert_eq!(
+        &w[4..],
+        [
+            "v1.32.6",
+            "10.0.0.11",
+            "<none>",
+            "Debian GNU/Linux 12 (bookworm)",
+            "6.1.0-37-amd64",
+            "containerd://1.7.24"
+        ],
+        "{out}"
+    );
+    let c = row_named(&rows, "cp-1", &out);
+    assert_eq!(c[1], "Ready,SchedulingDisabled", "{out}");
+    assert_eq!(c[2], "control-plane", "{out}");
+    assert_eq!(c[5], "10.0.0.10", "{out}");
+    let b = row_named(&rows, "bare", &out);
+    assert_eq!(
+        [&b[1], &b[2], &b[4], &b[5], &b[7]],
+        ["Unknown", "<none>", "", "<none>", "<unknown>"],
+        "{out}"
+    );
+
+    // Without -o wide kubectl drops the priority-1 columns.
+    let out = k.ok(&["get", "nodes"]);
+    let (header, rows) = table_rows(&out);
+    assert_eq!(
+        header,
+        ["NAME", "STATUS", "ROLES", "AGE", "VERSION"],
+        "{out}"
+    );
+    assert_eq!(row_named(&rows, "worker-1", &out)[1], "Ready");
+    assert_eq!(row_named(&rows, "worker-1", &out)[4], "v1.32.6");
+    // One node (a Table of one row), and a sorted list (which asks for whole objects).
+    let out = k.ok(&["get", "node", "cp-1"]);
+    let (header, rows) = table_rows(&out);
+    assert_eq!(header[1], "STATUS", "{out}");
+    assert_eq!(rows.len(), 1, "{out}");
+    assert_eq!(
+        rows[0][..3],
+        ["cp-1", "Ready,SchedulingDisabled", "control-plane"]
+    );
+    let out = k.ok(&["get", "nodes", "--sort-by=.status.nodeInfo.kubeletVersion"]);
+    let (header, rows) = table_rows(&out);
+    assert_eq!(header[4], "VERSION", "{out}");
+    assert_eq!(rows.len(), 3, "{out}");
+    // Machine-readable output is unchanged: the object itself.
+    let w = k.json(&["get", "node", "worker-1"]);
+    assert_eq!(w["kind"], "Node");
+    assert_eq!(w["status"]["nodeInfo"]["kubeletVersion"], "v1.32.6");
+
+    // Pods.
+    s.create_pod("kube-flannel", "kube-flannel-ds-abcde", "worker-1");
+    let out = k.ok(&["get", "pods", "-A", "-o", "wide"]);
+    let (header, rows) = table_rows(&out);
+    assert_eq!(
+        header,
+        [
+            "NAMESPACE",
+            "NAME",
+            "READY",
+            "STATUS",
+            "RESTARTS",
+            "AGE",
+            "IP",
+            "NODE",
+            "NOMINATED NODE",
+            "READINESS GATES"
+        ],
+        "{out}"
+    );
+    assert_eq!(rows.len(), 1, "{out}");
+    let p = &rows[0];
+    assert_eq!(
+        [&p[0], &p[1], &p[2], &p[3], &p[4], &p[6], &p[7]],
+        [
+            "kube-flannel",
+            "kube-flannel-ds-abcde",
+            "0/1",
+            "Pending",
+            "0",
+            "<none>",
+            "worker-1"
+        ],
+        "{out}"
+    );
+
+    // kubectl get -w: the list, then one-row Tables per event.
+    let mut child = KillOnDrop(
+        k.command("admin", &["get", "nodes", "--watch"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn kubectl"),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines() {
+            let Ok(l) = l else { return };
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let next_line = |what: &str, pred: &dyn Fn(&str) -> bool| -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if pred(&l) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("waiting for {what}: {e}"),
+            }
+        }
+    };
+    let header = next_line("the header", &|l| l.starts_with("NAME"));
+    assert!(
+        header.contains("STATUS") && header.contains("ROLES"),
+        "{header}"
+    );
+    next_line("worker-1", &|l| l.starts_with("worker-1 "));
+    wait_for(TIMEOUT, "kubectl's watch request", || {
+        s.requests()
+            .iter()
+            .find(|r| r.is_watch() && r.status == 200)
+            .map(|_| ())
+    });
+    s.create_object(kubelet_like_node(
+        "late",
+        "10.244.9.0/24",
+        std::net::Ipv4Addr::new(10, 0, 0, 19),
+        &[],
+    ));
+    let late = next_line("late", &|l| l.starts_with("late "));
+    let cells: Vec<&str> = late.split_whitespace().collect();
+    assert_eq!(cells[1..3], ["Ready", "<none>"], "{late}");
+    assert_eq!(cells.last(), Some(&"v1.32.6"), "{late}");
+}
+
 #[test]
 fn kubectl_creates_flannel_manifest() {
     let k = Kube::new("kube-manifest");

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::ser::{SerializeMap, Serializer};
@@ -25,6 +25,7 @@ use tokio_rustls::rustls;
 
 use super::patch;
 use super::store::{event_line, ApiError, ResDef, State, GROUPS, RESOURCES};
+use super::table::{self, TableFormat};
 use super::{Inner, RequestRecord, ADMIN_USER, FLANNEL_USER};
 
 type Body = BoxBody<Bytes, io::Error>;
@@ -70,6 +71,14 @@ fn response(code: u16, body: Body) -> Response<Body> {
 
 fn json_response(code: u16, v: &Value) -> Response<Body> {
     response(code, full(serde_json::to_vec(v).expect("serialise")))
+}
+
+/// A Table answer, with the Content-Type kube-apiserver gives it.
+fn table_response(v: &Value, fmt: &TableFormat) -> Response<Body> {
+    let mut r = json_response(200, v);
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(fmt.content_type()));
+    r
 }
 
 fn error_response(e: &ApiError) -> Response<Body> {
@@ -584,16 +593,28 @@ async fn resource_request(
     }
     let name = t.name.clone().unwrap_or_default();
     let dry = q.dry_run();
+    // Server-side printing (kubectl get): a Table instead of the object(s), if asked for.
+    let table = match verb {
+        "get" | "list" | "watch" if t.sub.is_none() => table::negotiate(
+            req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()),
+            t.res,
+            q.get("includeObject"),
+        )?,
+        _ => None,
+    };
     match verb {
         "get" => {
             let st = inner.lock();
-            match st.get(t.res, &t.ns, &name) {
-                Some(o) => Ok(json_response(200, o)),
-                None => Err(ApiError::not_found(def, &name)),
+            match (st.get(t.res, &t.ns, &name), &table) {
+                (Some(o), None) => Ok(json_response(200, o)),
+                (Some(o), Some(fmt)) => {
+                    Ok(table_response(&table::single(t.res, o, fmt, true), fmt))
+                }
+                (None, _) => Err(ApiError::not_found(def, &name)),
             }
         }
-        "list" => list(inner, &t, &q),
-        "watch" => watch_stream(inner, &t, &q),
+        "list" => list(inner, &t, &q, table),
+        "watch" => watch_stream(inner, &t, &q, table),
         "create" => {
             let body = read_json(req, true).await?;
             let obj = inner.mutate(|st| st.create(t.res, &t.ns, body, dry))?;
@@ -815,7 +836,21 @@ fn too_old(rv: u64, st: &State) -> ApiError {
     ApiError::expired(format!("too old resource version: {rv} ({})", st.compacted))
 }
 
-fn list(inner: &Arc<Inner>, t: &Target, q: &Query) -> Result<Response<Body>, ApiError> {
+/// Appends list entry `o`: the object (without kind/apiVersion), or its Table row.
+fn write_entry(buf: &mut Vec<u8>, res: usize, o: &Value, table: Option<&TableFormat>) {
+    match table {
+        None => serde_json::to_writer(buf, &Item(o)),
+        Some(fmt) => serde_json::to_writer(buf, &table::row(res, o, fmt)),
+    }
+    .expect("serialise")
+}
+
+fn list(
+    inner: &Arc<Inner>,
+    t: &Target,
+    q: &Query,
+    table: Option<TableFormat>,
+) -> Result<Response<Body>, ApiError> {
     let def = &RESOURCES[t.res];
     let sel = Selectors::parse(q)?;
     let limit = q.u64("limit")?.unwrap_or(0) as usize;
@@ -869,23 +904,45 @@ fn list(inner: &Arc<Inner>, t: &Target, q: &Query) -> Result<Response<Body>, Api
         meta["continue"] = hex(&format!("{list_rv}\0{ns}\0{name}")).into();
         meta["remainingItemCount"] = remaining.into();
     }
-    let mut head = format!(
-        "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":",
-        def.kind,
-        def.api_version()
-    )
+    let res = t.res;
+    let mut head = match &table {
+        None => format!(
+            "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":",
+            def.kind,
+            def.api_version()
+        ),
+        Some(fmt) => format!(
+            "{{\"kind\":\"Table\",\"apiVersion\":\"{}\",\"metadata\":",
+            fmt.api_version
+        ),
+    }
     .into_bytes();
     serde_json::to_writer(&mut head, &meta).expect("serialise");
-    head.extend_from_slice(b",\"items\":[");
+    match &table {
+        None => head.extend_from_slice(b",\"items\":["),
+        Some(_) => {
+            head.extend_from_slice(b",\"columnDefinitions\":");
+            serde_json::to_writer(&mut head, &table::columns(res)).expect("serialise");
+            head.extend_from_slice(b",\"rows\":[");
+        }
+    }
+    let resp_of = |body: Body| {
+        let mut r = response(200, body);
+        if let Some(fmt) = &table {
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(fmt.content_type()));
+        }
+        r
+    };
     if items.len() <= 64 {
         for (i, o) in items.iter().enumerate() {
             if i > 0 {
                 head.push(b',');
             }
-            serde_json::to_writer(&mut head, &Item(o)).expect("serialise");
+            write_entry(&mut head, res, o, table.as_ref());
         }
         head.extend_from_slice(b"]}");
-        return Ok(response(200, full(head)));
+        return Ok(resp_of(full(head)));
     }
     // Large lists are serialised in pieces by a task, so other connections are served meanwhile.
     let (tx, rx) = mpsc::channel(4);
@@ -895,7 +952,7 @@ fn list(inner: &Arc<Inner>, t: &Target, q: &Query) -> Result<Response<Body>, Api
             if i > 0 {
                 buf.push(b',');
             }
-            serde_json::to_writer(&mut buf, &Item(o)).expect("serialise");
+            write_entry(&mut buf, res, o, table.as_ref());
             if buf.len() >= 256 * 1024 {
                 if tx
                     .send(Ok(Bytes::from(std::mem::take(&mut buf))))
@@ -910,7 +967,7 @@ fn list(inner: &Arc<Inner>, t: &Target, q: &Query) -> Result<Response<Body>, Api
         buf.extend_from_slice(b"]}");
         let _ = tx.send(Ok(Bytes::from(buf))).await;
     });
-    Ok(response(200, ChanBody(rx).boxed()))
+    Ok(resp_of(ChanBody(rx).boxed()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -931,7 +988,32 @@ fn error_line(e: &ApiError) -> Bytes {
     event_line("ERROR", &e.status())
 }
 
-fn watch_stream(inner: &Arc<Inner>, t: &Target, q: &Query) -> Result<Response<Body>, ApiError> {
+/// Turns watch events into lines: as stored, or (server-side printing) each object as a
+/// one-row Table, the first of them with the column definitions.
+struct EventWriter {
+    res: usize,
+    table: Option<TableFormat>,
+    headers_sent: bool,
+}
+
+impl EventWriter {
+    fn line(&mut self, typ: &str, obj: &Value) -> Bytes {
+        match &self.table {
+            None => event_line(typ, obj),
+            Some(fmt) => {
+                let headers = !std::mem::replace(&mut self.headers_sent, true);
+                event_line(typ, &table::single(self.res, obj, fmt, headers))
+            }
+        }
+    }
+}
+
+fn watch_stream(
+    inner: &Arc<Inner>,
+    t: &Target,
+    q: &Query,
+    table: Option<TableFormat>,
+) -> Result<Response<Body>, ApiError> {
     let sel = Selectors::parse(q)?;
     let bookmarks = q.bool("allowWatchBookmarks")?;
     let initial_events = q.bool("sendInitialEvents")?;
@@ -979,6 +1061,11 @@ fn watch_stream(inner: &Arc<Inner>, t: &Target, q: &Query) -> Result<Response<Bo
             }
         }
     };
+    let mut writer = EventWriter {
+        res,
+        table,
+        headers_sent: false,
+    };
     tokio::spawn(async move {
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
@@ -993,7 +1080,7 @@ fn watch_stream(inner: &Arc<Inner>, t: &Target, q: &Query) -> Result<Response<Bo
             Ok((objs, rv)) => {
                 let mut buf = BytesMut::new();
                 for o in &objs {
-                    buf.extend_from_slice(&event_line("ADDED", o));
+                    buf.extend_from_slice(&writer.line("ADDED", o));
                     if buf.len() >= 64 * 1024 && tx.send(Ok(buf.split().freeze())).await.is_err() {
                         return;
                     }
@@ -1025,7 +1112,13 @@ fn watch_stream(inner: &Arc<Inner>, t: &Target, q: &Query) -> Result<Response<Bo
                 Ok((evs, rv)) => {
                     let mut buf = BytesMut::new();
                     for ev in evs {
-                        if ev.res == res && (ns.is_empty() || ev.ns == ns) && sel.matches(&ev.obj) {
+                        if ev.res != res || !(ns.is_empty() || ev.ns == ns) || !sel.matches(&ev.obj)
+                        {
+                            continue;
+                        }
+                        if writer.table.is_some() {
+                            buf.extend_from_slice(&writer.line(ev.typ, &ev.obj));
+                        } else {
                             buf.extend_from_slice(&ev.line());
                         }
                     }
@@ -1060,7 +1153,12 @@ fn watch_stream(inner: &Arc<Inner>, t: &Target, q: &Query) -> Result<Response<Bo
             }
         }
     });
-    Ok(response(200, ChanBody(rx).boxed()))
+    let mut resp = response(200, ChanBody(rx).boxed());
+    if let Some(fmt) = &table {
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(fmt.content_type()));
+    }
+    Ok(resp)
 }
 
 #[cfg(test)]

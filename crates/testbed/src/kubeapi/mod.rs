@@ -1,7 +1,8 @@
 //! A small Kubernetes API server for tests, speaking the real wire protocol (HTTP/1.1 JSON,
 //! optional TLS, bearer tokens and client certificates, RBAC for the flannel identity,
 //! discovery, list paging, chunked watch streams with bookmarks and 410 Expired, the three
-//! PATCH flavours and the `nodes/status` subresource).
+//! PATCH flavours, the `nodes/status` subresource, and server-side printing: `meta.k8s.io` Tables
+//! of nodes and pods for kubectl's human-readable `get`).
 //!
 //! It runs on its own thread with its own (single-threaded) tokio runtime, optionally inside a
 //! network namespace, so that flanneld processes in other namespaces reach it over a test
@@ -12,6 +13,7 @@ mod http;
 mod objects;
 mod patch;
 mod store;
+mod table;
 mod tls;
 
 use std::net::SocketAddr;
