@@ -12,6 +12,7 @@ pub mod flanneld;
 pub mod kube_cluster;
 pub mod kubeapi;
 pub mod netns;
+pub mod podman;
 pub mod tls;
 
 use std::path::{Path, PathBuf};
