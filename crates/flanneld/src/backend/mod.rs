@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod hostgw;
 pub mod udp;
 pub mod vxlan;
+pub mod wireguard;
 
 use std::sync::Arc;
 
