@@ -90,6 +90,7 @@ async fn wait_for_config(store: &dyn SubnetStore) -> NetworkConfig {
                 return c;
             }
             Err(e) => {
+                crate::metrics::metrics().store_error();
                 tracing::error!("Couldn't fetch network config: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -270,12 +271,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
             }
         });
     }
+    crate::metrics::metrics().set_lease_expiry(lease.expiration);
     tasks.spawn(drive_backend(
         network,
         LeaseWatcher::new(lease.key),
         watch_rx,
+        config.backend_type.clone(),
     ));
 
+    notify_systemd_ready();
     {
         let store = store.clone();
         let lease = lease.clone();
@@ -300,13 +304,41 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
     Ok(outcome)
 }
 
+/// Tells systemd (`Type=notify` units) that flanneld is ready: subnet.env is written and the
+/// backend runs. Does nothing without `NOTIFY_SOCKET`.
+fn notify_systemd_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+        let sock = UnixDatagram::unbound()?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                <UnixAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name)?
+            }
+            None => UnixAddr::from_pathname(&path)?,
+        };
+        sock.send_to_addr(b"READY=1", &addr)?;
+        Ok(())
+    })();
+    match sent {
+        Ok(()) => tracing::info!("notified systemd: READY=1"),
+        Err(e) => tracing::warn!("failed to notify systemd at {path:?}: {e}"),
+    }
+}
+
 /// Feeds lease updates to the backend (as event batches, with a resync after every snapshot)
 /// and runs its periodic check, until the watch ends.
 async fn drive_backend(
     mut network: Box<dyn backend::Network>,
     mut watcher: LeaseWatcher,
     mut watch_rx: mpsc::Receiver<StoreUpdate>,
+    backend_type: String,
 ) {
+    let metrics = crate::metrics::metrics();
+    metrics.set_leases(&backend_type, 0);
     let mut check = tokio::time::interval(network.check_interval());
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await;
@@ -336,7 +368,13 @@ async fn drive_backend(
             }
         }
         if !batch.is_empty() {
+            let added = batch
+                .iter()
+                .filter(|e| matches!(e, LeaseEvent::Added(_)))
+                .count();
+            metrics.lease_events(added, batch.len() - added);
             network.handle_events(batch).await;
+            metrics.set_leases(&backend_type, watcher.known().count());
         }
         if is_snapshot {
             let known: Vec<Lease> = watcher.known().cloned().collect();
@@ -500,10 +538,13 @@ async fn keep_lease(store: Arc<dyn SubnetStore>, mut lease: Lease, margin: Durat
                 match store.renew_lease(&lease).await {
                     Ok(l) => {
                         tracing::info!("Lease renewed, new expiration: {:?}", l.expiration);
+                        crate::metrics::metrics().lease_renewed();
+                        crate::metrics::metrics().set_lease_expiry(l.expiration);
                         lease = l;
                         retry_at = None;
                     }
                     Err(e) => {
+                        crate::metrics::metrics().store_error();
                         tracing::error!("Error renewing lease (trying again in 1 min): {e}");
                         retry_at = Some(SystemTime::now() + Duration::from_secs(60));
                     }
@@ -515,6 +556,7 @@ async fn keep_lease(store: Arc<dyn SubnetStore>, mut lease: Lease, margin: Durat
                         tracing::info!("Own lease was turned into a reservation; no more renewals");
                         lease.ttl_id = 0;
                         lease.expiration = None;
+                        crate::metrics::metrics().set_lease_expiry(None);
                     }
                 }
                 Some(OwnLeaseEvent::Revoked) | None => return Shutdown::LeaseRevoked,

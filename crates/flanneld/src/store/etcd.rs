@@ -488,6 +488,7 @@ impl SubnetStore for EtcdStore {
                     delay = Duration::from_millis(100);
                 }
                 Err(e) => {
+                    crate::metrics::metrics().store_error();
                     tracing::warn!("lease watch failed, retrying in {delay:?}: {e}");
                     self.reset_client().await;
                     tokio::time::sleep(delay).await;
@@ -510,6 +511,7 @@ impl SubnetStore for EtcdStore {
             match self.watch_own_once(lease, &tx).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
+                    crate::metrics::metrics().store_error();
                     tracing::warn!("own lease watch failed, retrying in {delay:?}: {e}");
                     self.reset_client().await;
                     tokio::time::sleep(delay).await;
