@@ -28,7 +28,8 @@ fn metrics_exposition_is_valid_and_counts_leases() {
     c.start_flanneld(1, &[]);
     let page = testbed::wait_for(T, "one remote lease in /metrics", || {
         let r = http_get(&c, 0, 18090, "/metrics");
-        r.contains("flanneld_leases{backend=\"vxlan\"} 1").then_some(r)
+        r.contains("flanneld_leases{backend=\"vxlan\"} 1")
+            .then_some(r)
     });
     let (head, body) = page.split_once("\r\n\r\n").expect("HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -45,9 +46,15 @@ fn metrics_exposition_is_valid_and_counts_leases() {
         "flanneld_lease_renewals_total",
         "flanneld_lease_expiry_seconds",
     ] {
-        assert!(body.contains(&format!("# HELP {family} ")), "{family}\n{body}");
+        assert!(
+            body.contains(&format!("# HELP {family} ")),
+            "{family}\n{body}"
+        );
     }
-    assert!(body.contains("flanneld_lease_events_total{type=\"added\"} 1"), "{body}");
+    assert!(
+        body.contains("flanneld_lease_events_total{type=\"added\"} 1"),
+        "{body}"
+    );
     let expiry: f64 = body
         .lines()
         .find_map(|l| l.strip_prefix("flanneld_lease_expiry_seconds "))
@@ -102,7 +109,10 @@ fn systemd_is_notified_once_subnet_env_is_written() {
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
     assert_eq!(&buf[..n], b"READY=1");
-    assert!(c.hosts[0].subnet_file.exists(), "notified before subnet.env");
+    assert!(
+        c.hosts[0].subnet_file.exists(),
+        "notified before subnet.env"
+    );
 }
 
 #[test]
