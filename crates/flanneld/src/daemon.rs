@@ -257,7 +257,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
             readiness.set_ready();
             tracing::info!("flannel is ready");
         }
-        Err(e) => tracing::warn!("Failed to write subnet file {}: {e}", opts.subnet_file),
+        // The reference only warns and then runs on uselessly (never ready): fail instead.
+        Err(e) => bail!("failed to write subnet file {}: {e}", opts.subnet_file),
     }
 
     // Lease watch -> backend.
@@ -292,7 +293,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
 
     let margin = Duration::from_secs(opts.subnet_lease_renew_margin as u64 * 60);
     let outcome = tokio::select! {
-        r = keep_lease(store.clone(), lease, margin) => r,
+        r = keep_lease(store.clone(), config.clone(), lease, margin) => r,
         _ = &mut signal => Shutdown::Signal,
     };
     match outcome {
@@ -514,16 +515,39 @@ async fn keep_blackhole_routes(nl: Netlink, lease: Lease, period: Duration) {
     }
 }
 
-/// Renews the lease before it expires and watches it; returns when it is revoked.
-async fn keep_lease(store: Arc<dyn SubnetStore>, mut lease: Lease, margin: Duration) -> Shutdown {
-    let (tx, mut rx) = mpsc::channel(8);
+/// Delay before the next renewal attempt after a failure: 1 s doubling to 8 s, so a renewal
+/// that fell due during a store outage succeeds within seconds of the store's return.
+fn renew_retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(3))
+}
+
+/// Spawns the watch of the own lease; its events arrive on the returned receiver.
+fn watch_own(
+    store: &Arc<dyn SubnetStore>,
+    lease: &Lease,
+) -> (mpsc::Receiver<OwnLeaseEvent>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(8);
     let watched = lease.clone();
     let watch_store = store.clone();
-    let _watch = tokio::spawn(async move {
+    let handle = tokio::spawn(async move {
         if let Err(e) = watch_store.watch_own_lease(&watched, tx).await {
             tracing::error!("own lease watch stopped: {e}");
         }
     });
+    (rx, handle)
+}
+
+/// Renews the lease before it expires and watches it. A lease that vanishes (deleted or
+/// expired) is re-acquired in-process; returns only when that yields a different subnet (the
+/// data path must then be rebuilt by a restart).
+async fn keep_lease(
+    store: Arc<dyn SubnetStore>,
+    config: NetworkConfig,
+    mut lease: Lease,
+    margin: Duration,
+) -> Shutdown {
+    let (mut rx, mut watch) = watch_own(&store, &lease);
+    let mut failures = 0u32;
     let mut retry_at: Option<SystemTime> = None;
     loop {
         let due = retry_at.or_else(|| lease.expiration.map(|exp| exp - margin));
@@ -542,11 +566,14 @@ async fn keep_lease(store: Arc<dyn SubnetStore>, mut lease: Lease, margin: Durat
                         crate::metrics::metrics().set_lease_expiry(l.expiration);
                         lease = l;
                         retry_at = None;
+                        failures = 0;
                     }
                     Err(e) => {
                         crate::metrics::metrics().store_error();
-                        tracing::error!("Error renewing lease (trying again in 1 min): {e}");
-                        retry_at = Some(SystemTime::now() + Duration::from_secs(60));
+                        let delay = renew_retry_delay(failures);
+                        failures += 1;
+                        tracing::error!("Error renewing lease (trying again in {delay:?}): {e}");
+                        retry_at = Some(SystemTime::now() + delay);
                     }
                 }
             }
@@ -559,7 +586,38 @@ async fn keep_lease(store: Arc<dyn SubnetStore>, mut lease: Lease, margin: Durat
                         crate::metrics::metrics().set_lease_expiry(None);
                     }
                 }
-                Some(OwnLeaseEvent::Revoked) | None => return Shutdown::LeaseRevoked,
+                Some(OwnLeaseEvent::Revoked) | None => {
+                    watch.abort();
+                    tracing::warn!(
+                        "Lease {} has been revoked (deleted or expired); re-acquiring it",
+                        lease.key
+                    );
+                    let mut failures = 0u32;
+                    let fresh = loop {
+                        match store.reacquire_lease(&config, &lease).await {
+                            Ok(l) => break l,
+                            Err(e) => {
+                                crate::metrics::metrics().store_error();
+                                let delay = renew_retry_delay(failures);
+                                failures += 1;
+                                tracing::error!("Error re-acquiring the lease (trying again in {delay:?}): {e}");
+                                tokio::time::sleep(delay).await;
+                            }
+                        }
+                    };
+                    if fresh.key != lease.key {
+                        tracing::error!(
+                            "Re-acquired lease {} differs from the lost {}; restarting to rebuild the data path",
+                            fresh.key, lease.key
+                        );
+                        return Shutdown::LeaseRevoked;
+                    }
+                    tracing::info!("Lease {} re-acquired; data path unchanged", fresh.key);
+                    crate::metrics::metrics().set_lease_expiry(fresh.expiration);
+                    lease = fresh;
+                    retry_at = None;
+                    (rx, watch) = watch_own(&store, &lease);
+                }
             }
         }
     }

@@ -384,6 +384,18 @@ impl SubnetStore for EtcdStore {
         Ok(NetworkConfig::parse_and_check(&text)?)
     }
 
+    async fn reacquire_lease(
+        &self,
+        config: &NetworkConfig,
+        lost: &Lease,
+    ) -> Result<Lease, StoreError> {
+        if let Some(l) = self.create(&lost.key, &lost.attrs).await? {
+            return Ok(l);
+        }
+        tracing::warn!("subnet {} was taken by another host meanwhile", lost.key);
+        self.acquire_lease(config, &lost.attrs).await
+    }
+
     async fn acquire_lease(
         &self,
         config: &NetworkConfig,
