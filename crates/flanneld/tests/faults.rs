@@ -236,3 +236,37 @@ fn subnet_file_directory_is_created_or_refused_clearly() {
         .then_some(())
     });
 }
+
+#[test]
+fn kube_api_server_gone_for_40s_loses_no_packet_and_recovers() {
+    let mut c = Cluster::with_kube_api(3);
+    c.create_nodes("10.244");
+    c.write_net_conf(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#);
+    let args = ["--healthz-port=18100", "--healthz-ip=127.0.0.1"];
+    c.start_flanneld_kube(0, &args);
+    c.start_flanneld_kube(1, &args);
+    let a = c.add_pod(0);
+    let b = c.add_pod(1);
+    c.wait_full_mesh(T);
+    let pinger = Pinger::start(&c, a, c.pods[b].ip, (OUTAGE.as_secs() * 5) as u32);
+    let before = c.flanneld(0).log().lines().count();
+    c.kube().set_down(true);
+    let t0 = Instant::now();
+    while t0.elapsed() < OUTAGE {
+        assert!(health(&c, 0), "/healthz must answer during the outage");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let lines = c.flanneld(0).log().lines().count() - before;
+    c.kube().set_down(false);
+    let summary = pinger.finish();
+    assert!(summary.contains(" 0% packet loss"), "{summary}");
+    assert!(
+        (lines as f64) < 2.0 * OUTAGE.as_secs_f64(),
+        "{lines} log lines in {OUTAGE:?}: no backoff"
+    );
+    // A node joining after the outage is routed by the others within 10 s.
+    c.start_flanneld_kube(2, &[]);
+    let p = c.add_pod(2);
+    let ip = c.pods[p].ip;
+    c.wait_ping(a, ip, Duration::from_secs(10));
+}

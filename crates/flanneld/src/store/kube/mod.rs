@@ -43,7 +43,7 @@ pub struct KubeSettings {
     pub set_node_network_unavailable: bool,
 }
 
-/// Exponential backoff 1 s .. 30 s, so failures are neither retried in a tight loop nor logged
+/// Exponential backoff 1 s .. 8 s, so failures are neither retried in a tight loop nor logged
 /// more than once per step.
 pub(crate) struct Backoff {
     next: Duration,
@@ -51,7 +51,7 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     const FIRST: Duration = Duration::from_secs(1);
-    const MAX: Duration = Duration::from_secs(30);
+    const MAX: Duration = Duration::from_secs(8);
 
     pub(crate) fn new() -> Self {
         Backoff { next: Self::FIRST }
