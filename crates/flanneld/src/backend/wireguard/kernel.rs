@@ -18,8 +18,7 @@ use netlink_packet_core::{
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::{
     WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute,
-    WireguardCmd, WireguardDeviceFlags, WireguardMessage, WireguardPeer, WireguardPeerAttribute,
-    WireguardPeerFlags,
+    WireguardCmd, WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
 };
 
 use super::datapath::{WgDataPath, WgDeviceConfig, WgKey, WgPeer};
@@ -321,6 +320,7 @@ mod tests {
     use super::*;
     use netlink_packet_core::{Emitable, ParseableParametrized};
     use netlink_packet_generic::GenlHeader;
+    use netlink_packet_wireguard::WireguardDeviceFlags;
 
     // Attribute numbers from the kernel's include/uapi/linux/wireguard.h, checked here
     // independently of the crate that emits them.
