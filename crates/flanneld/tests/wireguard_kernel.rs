@@ -193,9 +193,9 @@ fn guest_kernel_wireguard_three_hosts() {
     };
 
     // Every host: device, key, port and the two other hosts as peers, all through KernelWg.
-    for i in 0..n {
+    for (i, key) in keys.iter().enumerate() {
         let config = WgDeviceConfig {
-            private_key: keys[i].private,
+            private_key: key.private,
             listen_port: PORT,
         };
         let peers: Vec<WgPeer> = (0..n).filter(|&j| j != i).map(peer_of).collect();

@@ -300,7 +300,7 @@ fn guest_release() -> Result<String, String> {
         .map_err(|e| format!("dpkg-query: {e}"))?;
     let deps = String::from_utf8_lossy(&out.stdout);
     deps.split(',')
-        .filter_map(|d| d.trim().split_whitespace().next())
+        .filter_map(|d| d.split_whitespace().next())
         .find_map(|d| d.strip_prefix("linux-image-"))
         .map(str::to_string)
         .ok_or_else(|| "package linux-image-amd64 is not installed".to_string())
@@ -522,7 +522,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
