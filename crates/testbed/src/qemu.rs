@@ -154,6 +154,14 @@ pub fn run_in_guest(args: &[&str], timeout: Duration) -> GuestRun {
 /// test-bed itself is missing (run `scripts/install-deps.sh`).
 pub fn run_command_in_guest(cmd: &GuestCommand, timeout: Duration) -> GuestRun {
     crate::require_root();
+    for path in [&cmd.program, &cmd.cwd] {
+        assert!(
+            !path.starts_with("/tmp"),
+            "{} is under /tmp, which the guest replaces with its own tmpfs (keep the target \
+             directory and working directory elsewhere)",
+            path.display()
+        );
+    }
     let _one_at_a_time = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let images = guest_images()
         .unwrap_or_else(|e| panic!("QEMU test-bed unavailable: {e} (run scripts/install-deps.sh)"));

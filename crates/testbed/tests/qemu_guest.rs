@@ -54,3 +54,26 @@ fn guest_exit_code_and_output_come_back() {
     assert!(run.output.contains("from-guest"), "{}", run.report());
     println!("guest boot {:?}, total {:?}", run.boot_time, run.total_time);
 }
+
+#[test]
+fn watchdog_kills_a_guest_that_runs_too_long() {
+    testbed::require_root();
+    let timeout = Duration::from_secs(20);
+    let run = run_command_in_guest(
+        &GuestCommand {
+            program: "/bin/sleep".into(),
+            args: vec!["600".into()],
+            env: vec![],
+            cwd: "/".into(),
+        },
+        timeout,
+    );
+    assert!(run.timed_out, "{}", run.report());
+    assert_eq!(run.exit_code, None, "{}", run.report());
+    // Killed at the deadline, not when the payload would have ended.
+    assert!(
+        run.total_time < timeout + Duration::from_secs(10),
+        "{}",
+        run.report()
+    );
+}
