@@ -151,6 +151,44 @@ fn sorted(mut peers: Vec<WgPeer>) -> Vec<WgPeer> {
     peers
 }
 
+/// On whatever kernel runs the suite (no guest): `kernel_available()` agrees with what
+/// happens when the device is made, and without the module `create` fails with an error that
+/// names the device instead of half-configuring anything.
+#[test]
+fn kernel_probe_agrees_with_device_creation_on_this_kernel() {
+    if in_guest() {
+        return;
+    }
+    testbed::require_root();
+    let ns = NetNs::new("wgprobe");
+    let (available, created) = in_ns(&ns, || {
+        Box::pin(async {
+            let available = kernel_available().await;
+            let created = KernelWg::create(DEV, 1420)
+                .await
+                .map(|wg| wg.index())
+                .map_err(|e| e.to_string());
+            (available, created)
+        })
+    });
+    let links = ns.ip(&["-d", "link", "show"]);
+    println!("wireguard probe: available {available}, create {created:?}");
+    match created {
+        Ok(_) => {
+            assert!(available, "device made although the probe said no");
+            assert!(links.contains("wireguard"), "{links}");
+        }
+        Err(e) => {
+            assert!(!available, "probe said yes but creation failed: {e}");
+            assert!(
+                e.contains("failed to create wireguard device flannel-wg"),
+                "{e}"
+            );
+            assert!(!links.contains(DEV), "nothing left behind: {links}");
+        }
+    }
+}
+
 #[test]
 fn kernel_wireguard_three_hosts_in_guest() {
     testbed::require_root();
