@@ -145,6 +145,7 @@ impl KubeStore {
                 }
                 Err(e) => {
                     let wait = backoff.step();
+                    crate::metrics::metrics().store_error();
                     tracing::error!(
                         "failed to get node {:?} from the Kubernetes API: {} (retrying in {wait:?})",
                         self.node_name,
@@ -174,6 +175,7 @@ impl KubeStore {
                 }
                 Err(e) => {
                     let wait = backoff.step();
+                    crate::metrics::metrics().store_error();
                     tracing::error!(
                         "failed to patch node {:?} ({what}): {} (retrying in {wait:?})",
                         self.node_name,
@@ -260,6 +262,7 @@ async fn resolve_node_name(client: &kube::Client) -> Result<String, StoreError> 
             }
             Err(e) => {
                 let wait = backoff.step();
+                crate::metrics::metrics().store_error();
                 tracing::error!(
                     "failed to get pod {ns}/{pod} to learn the node name: {} (retrying in {wait:?})",
                     client::explain(&e)
