@@ -27,3 +27,18 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}" >/dev/null
 fi
+# Kernel WireGuard tests (crates/testbed/src/qemu.rs): a QEMU guest (software emulation) booting
+# Debian's stock kernel, busybox for its initramfs, xz to unpack the kernel, wg to read state back.
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+installed() { [ "$(dpkg-query -W -f '${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]; }
+installed linux-image-amd64 || need+=(linux-image-amd64)
+installed busybox-static || need+=(busybox-static)
+command -v xz >/dev/null || need+=(xz-utils)
+command -v wg >/dev/null || need+=(wireguard-tools)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}" >/dev/null
+fi

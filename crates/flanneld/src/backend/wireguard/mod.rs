@@ -2,3 +2,4 @@
 //! kernel's WireGuard where it exists, else on a user-space WireGuard over TUN.
 
 pub mod datapath;
+pub mod kernel;
