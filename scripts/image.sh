@@ -77,15 +77,24 @@ if [ "$(label "$base" io.flannel-rs.base)" != "$base_sum" ]; then
 fi
 base_id=$("${podman[@]}" image inspect --format '{{.Id}}' "$base")
 
-# 2. The release binaries.
+# 2. The binaries: release by default; FLANNEL_RS_IMAGE_PROFILE=debug takes the debug build
+#    the test suite has just made (debug info stripped in the image), saving a release build.
 cargo=${CARGO:-cargo}
+profile=${FLANNEL_RS_IMAGE_PROFILE:-release}
+# (debug builds the whole workspace, as the test command does, so the features match and the
+# build is a no-op there instead of a rebuild of flanneld with other features.)
+case "$profile" in
+    release) cargo_profile=(--release -p flanneld -p flannel-cni) ;;
+    debug) cargo_profile=(--workspace) ;;
+    *) echo "FLANNEL_RS_IMAGE_PROFILE must be release or debug, not $profile" >&2; exit 2 ;;
+esac
 if [ "${FLANNEL_RS_SKIP_CARGO:-0}" != 1 ]; then
     t=$(now)
-    "$cargo" build --release -p flanneld -p flannel-cni >&2
-    log "cargo build --release: $(since "$t")"
+    "$cargo" build "${cargo_profile[@]}" >&2
+    log "cargo build ($profile): $(since "$t")"
 fi
 target=$("$cargo" metadata --no-deps --format-version 1 | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-bins=("$target/release/flanneld" "$target/release/flannel" "$target/release/mk-docker-opts")
+bins=("$target/$profile/flanneld" "$target/$profile/flannel" "$target/$profile/mk-docker-opts")
 
 # 3. The image, rebuilt only when its inputs changed.
 fingerprint=$( (sha256sum "${bins[@]}" | cut -d' ' -f1; sha256sum packaging/Containerfile | cut -d' ' -f1;
@@ -97,6 +106,9 @@ if [ "$(label "$image" io.flannel-rs.fingerprint)" != "$fingerprint" ]; then
     trap 'rm -rf "$ctx"' EXIT
     mkdir "$ctx/bin"
     cp "${bins[@]}" "$ctx/bin/"
+    if [ "$profile" = debug ]; then
+        strip --strip-debug "$ctx"/bin/*
+    fi
     "${podman[@]}" build --runtime runc --network=none --pull=never --layers=false \
         --target prebuilt --build-arg BASE_IMAGE="$base" --build-arg PREBUILT_DIR=bin \
         --label io.flannel-rs.fingerprint="$fingerprint" \

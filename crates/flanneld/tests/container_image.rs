@@ -380,16 +380,7 @@ impl Node {
 
     /// An HTTP GET from inside the node to `ip:port/path`, as a kubelet probe does.
     fn http_get(&self, ip: &str, port: u16, path: &str) -> String {
-        let out = self.ns.exec(
-            "bash",
-            &[
-                "-c",
-                &format!(
-                    "exec 3<>/dev/tcp/{ip}/{port}; printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3; cat <&3"
-                ),
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.ns.http_get(ip, port, path)
     }
 }
 

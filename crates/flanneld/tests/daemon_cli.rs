@@ -50,14 +50,7 @@ fn renew_margin_out_of_range_exits_1() {
 }
 
 fn http_get(w: &EtcdHost, port: u16, path: &str) -> String {
-    let out = w.host.ns.exec(
-        "bash",
-        &[
-            "-c",
-            &format!("exec 3<>/dev/tcp/127.0.0.1/{port}; printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' >&3; cat <&3"),
-        ],
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    w.host.ns.http_get("127.0.0.1", port, path)
 }
 
 #[test]

@@ -46,12 +46,8 @@ impl Pinger {
 fn health(c: &Cluster, host: usize) -> bool {
     c.hosts[host]
         .ns
-        .exec(
-            "curl",
-            &["-sS", "-m", "2", "http://127.0.0.1:18100/healthz"],
-        )
-        .stdout
-        .starts_with(b"flanneld is running")
+        .http_get("127.0.0.1", 18100, "/healthz")
+        .ends_with("\r\n\r\nflanneld is running")
 }
 
 /// etcd goes away (killed, or frozen with SIGSTOP) for 40 s while pods ping each other; a

@@ -22,12 +22,14 @@ fn mac_of(c: &Cluster, host: usize, dev: &str) -> String {
     out[pos + 11..pos + 28].to_string()
 }
 
-/// The annotation map of a node.
+/// The flannel annotations of a node (a kubelet's own annotations left out).
 fn annotations(c: &Cluster, node: &str) -> serde_json::Map<String, serde_json::Value> {
-    c.kube().node(node).expect("node exists")["metadata"]["annotations"]
+    let mut all = c.kube().node(node).expect("node exists")["metadata"]["annotations"]
         .as_object()
         .cloned()
-        .unwrap_or_default()
+        .unwrap_or_default();
+    all.retain(|k, _| k.starts_with(&format!("{P}/")));
+    all
 }
 
 fn ann(c: &Cluster, node: &str, name: &str) -> Option<String> {

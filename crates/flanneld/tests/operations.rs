@@ -10,11 +10,7 @@ const T: Duration = Duration::from_secs(30);
 
 /// An HTTP GET inside a host namespace; returns the whole response (head and body).
 fn http_get(c: &Cluster, host: usize, port: u16, path: &str) -> String {
-    let out = c.hosts[host].ns.exec(
-        "curl",
-        &["-sS", "-i", &format!("http://127.0.0.1:{port}{path}")],
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    c.hosts[host].ns.http_get("127.0.0.1", port, path)
 }
 
 #[test]

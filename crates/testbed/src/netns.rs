@@ -97,6 +97,18 @@ impl NetNs {
         c
     }
 
+    /// An HTTP/1.1 GET from inside the namespace (as a kubelet probe or a Prometheus scrape
+    /// does); returns the whole response, head and body, or "" if nothing answered in 5 s.
+    pub fn http_get(&self, host: &str, port: u16, path: &str) -> String {
+        let script = format!(
+            "exec 3<>/dev/tcp/{host}/{port} || exit 1; \
+             printf 'GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n' >&3; \
+             timeout 5 cat <&3"
+        );
+        let out = self.exec("bash", &["-c", &script]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs a command in the namespace and returns its output (whatever the exit status).
     pub fn exec(&self, program: &str, args: &[&str]) -> Output {
         self.command(program)

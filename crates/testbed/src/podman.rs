@@ -40,7 +40,7 @@ fn podman_output(args: &[&str]) -> Output {
 static IMAGE_ID: Mutex<Option<String>> = Mutex::new(None);
 
 /// Makes sure [`IMAGE`] is current and returns its id: runs `scripts/image.sh` once per test
-/// process (it builds the release binaries, and rebuilds the image only when the binaries, the
+/// process (it builds the binaries, and rebuilds the image only when the binaries, the
 /// Containerfile or the base changed; a no-op run takes about half a second). Panics with the
 /// script's output if it fails.
 pub fn ensure_image() -> String {
@@ -52,8 +52,12 @@ pub fn ensure_image() -> String {
     cleanup_leftover_containers();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/image.sh");
     let started = Instant::now();
+    // Tests put the debug binaries the suite has just built into the image (no release build);
+    // FLANNEL_RS_IMAGE_PROFILE=release tests the release build instead.
+    let profile = std::env::var("FLANNEL_RS_IMAGE_PROFILE").unwrap_or_else(|_| "debug".into());
     let out = Command::new("bash")
         .arg(&script)
+        .env("FLANNEL_RS_IMAGE_PROFILE", profile)
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
