@@ -4,6 +4,7 @@
 //! handles batches of lease events. Adding a backend = one module + one line in [`lookup`].
 
 pub mod alloc;
+pub mod engine;
 pub mod hostgw;
 pub mod udp;
 pub mod vxlan;
