@@ -106,6 +106,7 @@ pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
         "host-gw" => Ok(hostgw::HostGwBackend::create),
         "udp" => Ok(udp::UdpBackend::create),
         "vxlan" => Ok(vxlan::VxlanBackend::create),
+        "wireguard" => Ok(wireguard::WireguardBackend::create),
         other => Err(BackendError::UnknownType(other.to_string())),
     }
 }
