@@ -70,9 +70,17 @@ struct Inner {
     next_index: u32,
 }
 
+/// How long after start packets without a peer are held (not dropped) for the peers that
+/// the lease watch is about to configure: a restart then loses nothing in between.
+const HOLD_AFTER_START: Duration = Duration::from_secs(3);
+/// At most this many packets are held.
+const HOLD_MAX: usize = 1024;
+
 /// The engine's codec: WireGuard messages on the wire.
 pub struct WgCodec {
     inner: RwLock<Inner>,
+    hold_until: std::time::Instant,
+    held: Mutex<Vec<Vec<u8>>>,
 }
 
 fn v4_endpoint(e: Option<SocketAddr>) -> Result<Option<SocketAddrV4>, String> {
@@ -98,7 +106,33 @@ impl WgCodec {
                 allowed: RouteTable::default(),
                 next_index: 1,
             }),
+            hold_until: std::time::Instant::now() + HOLD_AFTER_START,
+            held: Mutex::new(vec![]),
         }
+    }
+
+    /// Keeps a packet that has no peer yet, shortly after start.
+    fn hold(&self, pkt: &[u8]) {
+        if std::time::Instant::now() < self.hold_until {
+            let mut h = lock(&self.held);
+            if h.len() < HOLD_MAX {
+                h.push(pkt.to_vec());
+            }
+        }
+    }
+
+    /// The held packets now routed to peer `index`.
+    fn take_held(&self, index: u32) -> Vec<Vec<u8>> {
+        let mut h = lock(&self.held);
+        if h.is_empty() {
+            return vec![];
+        }
+        let g = self.read();
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut *h)
+            .into_iter()
+            .partition(|p| ipv4_dst(p).and_then(|d| g.allowed.lookup(d)) == Some(index));
+        *h = rest;
+        mine
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -125,8 +159,8 @@ impl WgCodec {
         }
     }
 
-    /// Adds or updates a peer; returns it when a handshake should be started.
-    fn set_peer(&self, peer: &WgPeer) -> Result<Arc<Peer>, String> {
+    /// Adds or updates a peer; returns it and its index.
+    fn set_peer(&self, peer: &WgPeer) -> Result<(u32, Arc<Peer>), String> {
         let endpoint = v4_endpoint(peer.endpoint)?;
         let mut nets = vec![];
         for n in &peer.allowed_ips {
@@ -195,7 +229,7 @@ impl WgCodec {
                 p
             }
         };
-        Ok(p)
+        Ok((index, p))
     }
 
     /// Removes a peer and its allowed-ips.
@@ -339,6 +373,7 @@ impl Codec for WgCodec {
         while i < n {
             verdicts[i] = Tx::Drop;
             let Some(idx) = route(&pkts[i][..sizes[i]]) else {
+                self.hold(&pkts[i][..sizes[i]]);
                 i += 1;
                 continue;
             };
@@ -498,10 +533,22 @@ fn timers(codec: &WgCodec, sender: &UdpSock) {
 
 /// Applies a UAPI/flannel peer and starts its handshake.
 pub fn apply_peer(codec: &WgCodec, sender: Option<&UdpSock>, peer: &WgPeer) -> Result<(), String> {
-    let p = codec.set_peer(peer)?;
-    if let Some(s) = sender {
-        initiate(&p, s);
+    let (index, p) = codec.set_peer(peer)?;
+    let Some(s) = sender else {
+        return Ok(());
+    };
+    // Packets held since start for this peer: queued in its session (sent once the
+    // handshake completes); the first one starts the handshake.
+    let mut buf = vec![0u8; 65_536];
+    for pkt in codec.take_held(index) {
+        let mut t = lock(&p.tunn);
+        if let (TunnResult::WriteToNetwork(b), Some(ep)) =
+            (t.encapsulate(&pkt, &mut buf), p.endpoint.get())
+        {
+            let _ = s.send_to(b, ep);
+        }
     }
+    initiate(&p, s);
     Ok(())
 }
 
