@@ -15,7 +15,8 @@ use testbed::fixture::PREFIX;
 use testbed::{wait_for, Cluster};
 
 const T: Duration = Duration::from_secs(30);
-const NET: &str = r#""Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0","SubnetMax":"10.90.0.0""#;
+const NET: &str =
+    r#""Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0","SubnetMax":"10.90.0.0""#;
 
 fn config(extra: &str) -> String {
     format!(r#"{{{NET},"Backend":{{"Type":"wireguard"{extra}}}}}"#)
@@ -81,7 +82,17 @@ fn capture(
 ) -> Vec<Vec<u8>> {
     let child = ns
         .command("timeout")
-        .args([&secs.to_string(), "tcpdump", "-Z", "root", "-i", dev, "-n", "-x", "-l"])
+        .args([
+            &secs.to_string(),
+            "tcpdump",
+            "-Z",
+            "root",
+            "-i",
+            dev,
+            "-n",
+            "-x",
+            "-l",
+        ])
         .arg(filter)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -137,7 +148,12 @@ fn three_hosts_mesh_lease_device_and_underlay_sees_only_wireguard() {
         .contains(&format!("{}/32", c.subnet(0).network())));
     // The underlay: only WireGuard messages on UDP 51820, never the pods' ICMP.
     let ul = c.underlay.clone();
-    let pods: Vec<(usize, Ipv4Addr)> = c.pods.iter().map(|p| p.host).zip(c.pods.iter().map(|p| p.ip)).collect();
+    let pods: Vec<(usize, Ipv4Addr)> = c
+        .pods
+        .iter()
+        .map(|p| p.host)
+        .zip(c.pods.iter().map(|p| p.ip))
+        .collect();
     let pkts = capture(&ul, "br0", "ip and not tcp port 2379", 4, || {
         for (a, (ha, _)) in pods.iter().enumerate() {
             for (hb, ip) in &pods {
@@ -184,7 +200,12 @@ fn key_file_restart_keeps_key_and_subnet_with_no_lost_pings_and_wg_show() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    pubkey.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    pubkey
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let derived = String::from_utf8(pubkey.wait_with_output().unwrap().stdout).unwrap();
     let key0 = lease_key(&c, 0);
     assert_eq!(derived.trim(), key0);
@@ -208,7 +229,15 @@ fn key_file_restart_keeps_key_and_subnet_with_no_lost_pings_and_wg_show() {
     let ping = c.pods[a]
         .ns
         .command("ping")
-        .args(["-i", "0.2", "-c", "40", "-W", "2", &c.pods[b].ip.to_string()])
+        .args([
+            "-i",
+            "0.2",
+            "-c",
+            "40",
+            "-W",
+            "2",
+            &c.pods[b].ip.to_string(),
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -217,7 +246,10 @@ fn key_file_restart_keeps_key_and_subnet_with_no_lost_pings_and_wg_show() {
     start(&mut c, 0);
     let out = ping.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let summary = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or("");
+    let summary = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("");
     eprintln!("restart loss window: {summary}");
     assert_eq!(c.subnet(0), subnet, "subnet kept");
     assert_eq!(lease_key(&c, 0), key0, "public key kept");
@@ -234,7 +266,9 @@ fn peer_removed_when_its_lease_goes() {
     let gone = lease_key(&c, 2);
     let pid = flanneld_pid(&mut c, 0);
     wait_for(T, "peer of h3 on h1", || {
-        wg(pid, &["show", "flannel-wg", "peers"]).contains(&gone).then_some(())
+        wg(pid, &["show", "flannel-wg", "peers"])
+            .contains(&gone)
+            .then_some(())
     });
     c.flanneld(2).kill();
     c.etcd.del(&c.lease_key(2));
@@ -260,8 +294,7 @@ fn bad_inputs_are_logged_and_skipped_or_refused() {
         &format!("{PREFIX}/subnets/10.89.0.0-20"),
         r#"{"PublicIP":"192.168.100.51","PublicIPv6":null,"BackendType":"wireguard","BackendData":{"PublicKey":"AAAAAAAAAAAAAAAAAAAAAA==","Port":51820}}"#,
     );
-    c.flanneld(0)
-        .wait_log("ignoring lease 10.90.0.0-20", T);
+    c.flanneld(0).wait_log("ignoring lease 10.90.0.0-20", T);
     c.flanneld(0).wait_log("ignoring lease 10.89.0.0-20", T);
     let log = c.flanneld(0).log();
     assert!(log.contains("failed to parse base64-encoded key"), "{log}");
@@ -369,17 +402,49 @@ impl HandHost {
         let pid = hh.child.id();
         wait_for(T, "wireguard-go UAPI socket", || {
             std::process::Command::new("nsenter")
-                .args(["-t", &pid.to_string(), "-m", "-n", "wg", "show", "flannel-wg"])
+                .args([
+                    "-t",
+                    &pid.to_string(),
+                    "-m",
+                    "-n",
+                    "wg",
+                    "show",
+                    "flannel-wg",
+                ])
                 .output()
                 .ok()
                 .filter(|o| o.status.success())
         });
         let keyp = hh.dir.join("key").to_string_lossy().into_owned();
-        wg(pid, &["set", "flannel-wg", "private-key", &keyp, "listen-port", "51820"]);
+        wg(
+            pid,
+            &[
+                "set",
+                "flannel-wg",
+                "private-key",
+                &keyp,
+                "listen-port",
+                "51820",
+            ],
+        );
         let net: ipnet::Ipv4Net = subnet.parse().unwrap();
         ns.ip(&["link", "set", "flannel-wg", "mtu", "1420", "up"]);
-        ns.ip(&["addr", "add", &format!("{}/32", net.network()), "dev", "flannel-wg"]);
-        ns.ip(&["route", "replace", "10.0.0.0/8", "dev", "flannel-wg", "scope", "link"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/32", net.network()),
+            "dev",
+            "flannel-wg",
+        ]);
+        ns.ip(&[
+            "route",
+            "replace",
+            "10.0.0.0/8",
+            "dev",
+            "flannel-wg",
+            "scope",
+            "link",
+        ]);
         // The lease exactly as Go flannel writes it.
         c.etcd.put(
             &format!("{PREFIX}/subnets/{}-{}", net.network(), net.prefix_len()),
@@ -447,7 +512,10 @@ fn interop(psk: Option<&str>) {
     assert_eq!(f[3], "10.95.0.0/20");
     assert_eq!(f[1] != "(none)", psk.is_some(), "{line}");
     // And wireguard-go completed handshakes with both of ours.
-    let theirs = wg(hand.child.id(), &["show", "flannel-wg", "latest-handshakes"]);
+    let theirs = wg(
+        hand.child.id(),
+        &["show", "flannel-wg", "latest-handshakes"],
+    );
     for l in theirs.lines() {
         assert_ne!(l.split('\t').nth(1), Some("0"), "{theirs}");
     }

@@ -19,10 +19,10 @@ use flannel_types::backend_options::UdpOptions;
 use flannel_types::LeaseAttrs;
 use ipnet::IpNet;
 
+use super::engine::{self as datapath, Mode};
 use super::{Backend, BackendContext, BackendError, Network};
 use crate::lease::{Lease, LeaseEvent};
 use crate::netlink::{Netlink, RouteSpec};
-use super::engine::{self as datapath, Mode};
 use codec::UdpCodec;
 use routes::RouteTable;
 

@@ -271,9 +271,14 @@ impl Backend for WireguardBackend {
             keys::encode_key(&public)
         );
         let base = if s.mtu > 0 { s.mtu } else { ctx.ext.mtu };
-        let mtu = base.checked_sub(OVERHEAD).filter(|m| *m >= 68).ok_or_else(|| {
-            err(format!("wireguard: MTU {base} is too small for the {OVERHEAD}-byte overhead"))
-        })?;
+        let mtu = base
+            .checked_sub(OVERHEAD)
+            .filter(|m| *m >= 68)
+            .ok_or_else(|| {
+                err(format!(
+                    "wireguard: MTU {base} is too small for the {OVERHEAD}-byte overhead"
+                ))
+            })?;
         let cfg = &ctx.config;
         let mut layout = vec![];
         match s.mode {
@@ -312,7 +317,10 @@ impl Backend for WireguardBackend {
                 peers: HashMap::new(),
             });
         }
-        let has = |f: Family| devs.iter().any(|d| d.family == f || d.family == Family::Both);
+        let has = |f: Family| {
+            devs.iter()
+                .any(|d| d.family == f || d.family == Family::Both)
+        };
         let public_ip = ctx.ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
         let v6_port = devs
             .iter()
@@ -463,9 +471,7 @@ impl WgNetwork {
                     WireguardMode::Auto => {
                         if !peer_v4 && peer_v6 {
                             true
-                        } else if !peer_v6
-                            || (!is_private4(a.public_ip) && self.own_v4.is_some())
-                        {
+                        } else if !peer_v6 || (!is_private4(a.public_ip) && self.own_v4.is_some()) {
                             false
                         } else {
                             a.public_ipv6.is_some_and(|p| !is_private6(p))
@@ -520,7 +526,11 @@ impl WgNetwork {
                         want.allowed_ips
                     );
                 }
-                Err(e) => tracing::warn!("wireguard: {}: failed to add peer for {}: {e}", d.name, l.key),
+                Err(e) => tracing::warn!(
+                    "wireguard: {}: failed to add peer for {}: {e}",
+                    d.name,
+                    l.key
+                ),
             }
             if let Err(e) = self.routes(i).await {
                 tracing::warn!("wireguard: {e}");

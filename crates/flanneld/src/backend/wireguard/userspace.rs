@@ -504,7 +504,8 @@ fn initiate(peer: &Peer, sender: &UdpSock) {
         return;
     };
     let mut buf = [0u8; 256];
-    if let TunnResult::WriteToNetwork(b) = lock(&peer.tunn).format_handshake_initiation(&mut buf, false)
+    if let TunnResult::WriteToNetwork(b) =
+        lock(&peer.tunn).format_handshake_initiation(&mut buf, false)
     {
         if let Err(e) = sender.send_to(b, ep) {
             tracing::debug!("wireguard: handshake to {ep}: {e}");
