@@ -8,10 +8,11 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use testbed::fixture::PREFIX;
+use testbed::wggo::{pubkey, wg, HandWg};
 use testbed::{wait_for, Cluster};
 
 const T: Duration = Duration::from_secs(30);
@@ -42,21 +43,6 @@ fn cluster(n: usize, extra: &str) -> Cluster {
         start(&mut c, h);
     }
     c
-}
-
-/// `wg <args>` in the mount and network namespaces of process `pid`.
-fn wg(pid: u32, args: &[&str]) -> String {
-    let out = std::process::Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-m", "-n", "wg"])
-        .args(args)
-        .output()
-        .expect("nsenter wg");
-    assert!(
-        out.status.success(),
-        "wg {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn flanneld_pid(c: &mut Cluster, h: usize) -> u32 {
@@ -193,22 +179,9 @@ fn key_file_restart_keeps_key_and_subnet_with_no_lost_pings_and_wg_show() {
         std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
         0o400
     );
-    let mut pubkey = std::process::Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    pubkey
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let derived = String::from_utf8(pubkey.wait_with_output().unwrap().stdout).unwrap();
+    let derived = pubkey(&text);
     let key0 = lease_key(&c, 0);
-    assert_eq!(derived.trim(), key0);
+    assert_eq!(derived, key0);
     // wg show against our UAPI socket: the peer, its endpoint, allowed-ips, keepalive.
     let pid = flanneld_pid(&mut c, 0);
     let dump = wg(pid, &["show", "flannel-wg", "dump"]);
@@ -326,176 +299,17 @@ fn bad_inputs_are_logged_and_skipped_or_refused() {
     assert_eq!(std::fs::read_to_string(&key).unwrap(), "garbage");
 }
 
-/// A host set up by hand as Go flannel sets one up, on Debian's wireguard-go.
-struct HandHost {
-    child: Child,
-    dir: PathBuf,
-    public_key: String,
-}
-
-impl Drop for HandHost {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run_ok(cmd: &mut std::process::Command) -> String {
-    let out = cmd.output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-impl HandHost {
-    /// wireguard-go `flannel-wg` in host `h` (own mount namespace, private /run), key,
-    /// port, address, MTU, route and the lease in Go's exact JSON; pods use `subnet`.
-    fn start(c: &Cluster, h: usize, subnet: &str, psk: Option<&str>) -> HandHost {
-        let dir = c.dir.join(&format!("hand-h{}", h + 1));
-        std::fs::create_dir_all(&dir).unwrap();
-        let private = run_ok(std::process::Command::new("wg").arg("genkey"));
-        std::fs::write(dir.join("key"), private.trim()).unwrap();
-        if let Some(psk) = psk {
-            std::fs::write(dir.join("psk"), psk).unwrap();
-        }
-        let mut pubkey = std::process::Command::new("wg")
-            .arg("pubkey")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        pubkey
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(private.as_bytes())
-            .unwrap();
-        let public_key = String::from_utf8(pubkey.wait_with_output().unwrap().stdout)
-            .unwrap()
-            .trim()
-            .to_string();
-        let ns = c.hosts[h].ns.clone();
-        let child = ns
-            .command("unshare")
-            .args([
-                "-m",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                "mount -t tmpfs -o mode=755 tmpfs /run && exec wireguard-go flannel-wg",
-            ])
-            .env("WG_PROCESS_FOREGROUND", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("wireguard-go (apt-get install wireguard-go)");
-        let hh = HandHost {
-            child,
-            dir,
-            public_key,
-        };
-        let pid = hh.child.id();
-        wait_for(T, "wireguard-go UAPI socket", || {
-            std::process::Command::new("nsenter")
-                .args([
-                    "-t",
-                    &pid.to_string(),
-                    "-m",
-                    "-n",
-                    "wg",
-                    "show",
-                    "flannel-wg",
-                ])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-        });
-        let keyp = hh.dir.join("key").to_string_lossy().into_owned();
-        wg(
-            pid,
-            &[
-                "set",
-                "flannel-wg",
-                "private-key",
-                &keyp,
-                "listen-port",
-                "51820",
-            ],
-        );
-        let net: ipnet::Ipv4Net = subnet.parse().unwrap();
-        ns.ip(&["link", "set", "flannel-wg", "mtu", "1420", "up"]);
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/32", net.network()),
-            "dev",
-            "flannel-wg",
-        ]);
-        ns.ip(&[
-            "route",
-            "replace",
-            "10.0.0.0/8",
-            "dev",
-            "flannel-wg",
-            "scope",
-            "link",
-        ]);
-        // The lease exactly as Go flannel writes it.
-        c.etcd.put(
-            &format!("{PREFIX}/subnets/{}-{}", net.network(), net.prefix_len()),
-            &format!(
-                r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{}","Port":51820}}}}"#,
-                c.hosts[h].ip, hh.public_key
-            ),
-        );
-        let gw = Ipv4Addr::from(u32::from(net.network()) + 1);
-        std::fs::write(
-            &c.hosts[h].subnet_file,
-            format!(
-                "FLANNEL_NETWORK=10.0.0.0/8\nFLANNEL_SUBNET={gw}/{}\nFLANNEL_MTU=1420\nFLANNEL_IPMASQ=false\n",
-                net.prefix_len()
-            ),
-        )
-        .unwrap();
-        hh
-    }
-
-    /// Adds a peer per lease of ours, as Go flannel's lease handler does.
-    fn add_peers(&self, c: &Cluster, hosts: &[usize]) {
-        for &h in hosts {
-            let mut args = vec![
-                "set".to_string(),
-                "flannel-wg".into(),
-                "peer".into(),
-                lease_key(c, h),
-                "endpoint".into(),
-                format!("{}:51820", c.hosts[h].ip),
-                "allowed-ips".into(),
-                c.subnet(h).to_string(),
-            ];
-            if self.dir.join("psk").exists() {
-                args.push("preshared-key".into());
-                args.push(self.dir.join("psk").to_string_lossy().into_owned());
-            }
-            let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-            wg(self.child.id(), &args);
-        }
-    }
-}
-
 fn interop(psk: Option<&str>) {
     let extra = psk.map_or(String::new(), |p| format!(r#","PSK":"{p}""#));
     let mut c = Cluster::new(3);
     c.put_config(None, &config(&extra));
-    let hand = HandHost::start(&c, 2, "10.95.0.0/20", psk);
+    let hand = HandWg::start(&c, 2, "10.95.0.0/20", "10.0.0.0/8", psk);
     start(&mut c, 0);
     start(&mut c, 1);
-    hand.add_peers(&c, &[0, 1]);
+    for h in 0..2 {
+        let ep = format!("{}:51820", c.hosts[h].ip);
+        hand.add_peer(&lease_key(&c, h), &ep, &c.subnet(h).to_string());
+    }
     for h in 0..3 {
         c.add_pod(h);
     }
@@ -512,10 +326,7 @@ fn interop(psk: Option<&str>) {
     assert_eq!(f[3], "10.95.0.0/20");
     assert_eq!(f[1] != "(none)", psk.is_some(), "{line}");
     // And wireguard-go completed handshakes with both of ours.
-    let theirs = wg(
-        hand.child.id(),
-        &["show", "flannel-wg", "latest-handshakes"],
-    );
+    let theirs = wg(hand.pid(), &["show", "flannel-wg", "latest-handshakes"]);
     for l in theirs.lines() {
         assert_ne!(l.split('\t').nth(1), Some("0"), "{theirs}");
     }
