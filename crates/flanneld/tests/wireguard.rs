@@ -341,3 +341,37 @@ fn interop_with_wireguard_go_host_configured_as_go_flannel() {
 fn interop_with_wireguard_go_host_with_psk() {
     interop(Some("/VBrMlRP/zPqG7nmTP5ZYy4mI6aM3ny2PwbaYazfigA="));
 }
+
+#[test]
+fn kube_mode_three_hosts_with_go_annotations() {
+    use testbed::kube_cluster::node_name;
+    let mut c = Cluster::with_kube_api(3);
+    c.create_nodes("10.244");
+    c.write_net_conf(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#);
+    for i in 0..3 {
+        let key = key_file(&c, i).to_string_lossy().into_owned();
+        let mut f = c.spawn_flanneld_kube(
+            i,
+            &["--ip-masq"],
+            &[("TESTBED_PRIVATE_RUN", "1"), ("WIREGUARD_KEY_FILE", &key)],
+        );
+        let path = c.hosts[i].subnet_file.clone();
+        f.wait_subnet_env(&path, Duration::from_secs(60));
+        c.hosts[i].flanneld = Some(f);
+        assert_eq!(c.env_var(i, "FLANNEL_MTU"), "1420");
+        c.add_pod(i);
+    }
+    c.wait_full_mesh(T);
+    for i in 0..3 {
+        let node = c.kube().node(&node_name(i)).expect("node");
+        let ann = &node["metadata"]["annotations"];
+        let p = "flannel.alpha.coreos.com";
+        assert_eq!(ann[format!("{p}/backend-type")], "wireguard");
+        let data = ann[format!("{p}/backend-data")].as_str().expect("backend-data");
+        let private = std::fs::read_to_string(key_file(&c, i)).unwrap();
+        assert_eq!(
+            data,
+            format!(r#"{{"PublicKey":"{}","Port":51820}}"#, pubkey(&private))
+        );
+    }
+}
