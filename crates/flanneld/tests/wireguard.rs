@@ -367,7 +367,9 @@ fn kube_mode_three_hosts_with_go_annotations() {
         let ann = &node["metadata"]["annotations"];
         let p = "flannel.alpha.coreos.com";
         assert_eq!(ann[format!("{p}/backend-type")], "wireguard");
-        let data = ann[format!("{p}/backend-data")].as_str().expect("backend-data");
+        let data = ann[format!("{p}/backend-data")]
+            .as_str()
+            .expect("backend-data");
         let private = std::fs::read_to_string(key_file(&c, i)).unwrap();
         assert_eq!(
             data,
