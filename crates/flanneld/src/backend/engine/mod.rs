@@ -430,30 +430,31 @@ impl<C: Codec> Worker<C> {
         }
         // Group consecutive equal-size datagrams to one peer into one UDP_SEGMENT send.
         let gso = self.run.gso;
-        let mut segs: Vec<&[u8]> = Vec::with_capacity(MAX_GSO_SEGMENTS);
+        let mut segs: [&[u8]; MAX_GSO_SEGMENTS] = [&[]; MAX_GSO_SEGMENTS];
         let mut i = 0;
         while i < n {
             let Some((peer, first)) = datagram(i) else {
                 i += 1;
                 continue;
             };
-            segs.clear();
+            let mut nseg = 0;
             let size = first.len();
             let mut bytes = 0;
             let mut j = i;
-            while j < n && (gso || j == i) && segs.len() < MAX_GSO_SEGMENTS {
+            while j < n && (gso || j == i) && nseg < MAX_GSO_SEGMENTS {
                 let Some((p, d)) = datagram(j) else { break };
                 if p != peer || bytes + d.len() > MAX_GSO_BYTES || d.len() > size {
                     break;
                 }
-                segs.push(d);
+                segs[nseg] = d;
+                nseg += 1;
                 bytes += d.len();
                 j += 1;
                 if d.len() < size {
                     break; // a shorter segment must be the last one
                 }
             }
-            self.out.push(peer, &segs);
+            self.out.push(peer, &segs[..nseg]);
             i = j;
         }
         if let Err(e) = self.out.flush(&self.sock) {
