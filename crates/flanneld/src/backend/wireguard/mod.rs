@@ -253,6 +253,28 @@ fn is_private6(ip: Ipv6Addr) -> bool {
     (ip.segments()[0] & 0xfe00) == 0xfc00
 }
 
+/// Whether the single device reaches a peer over IPv6: always in `ipv6` mode, never in `ipv4`;
+/// in `auto` as Go: v6 if the peer has only v6; v4 if it has only v4, or its v4 is public and
+/// we have v4; else v6 if both its and our v6 are public (not fc00::/7); else v4.
+pub fn endpoint_is_v6(
+    mode: WireguardMode,
+    peer_v4: Option<Ipv4Addr>,
+    peer_v6: Option<Ipv6Addr>,
+    own_v4: Option<Ipv4Addr>,
+    own_v6: Option<Ipv6Addr>,
+) -> bool {
+    match mode {
+        WireguardMode::Ipv6 => true,
+        WireguardMode::Auto => match (peer_v4, peer_v6) {
+            (None, Some(_)) => true,
+            (_, None) => false,
+            (Some(v4), Some(_)) if !is_private4(v4) && own_v4.is_some() => false,
+            (_, Some(v6)) => !is_private6(v6) && own_v6.is_some_and(|o| !is_private6(o)),
+        },
+        _ => false,
+    }
+}
+
 #[async_trait]
 impl Backend for WireguardBackend {
     async fn register_network(
@@ -466,20 +488,13 @@ impl WgNetwork {
                 }
                 let peer_v4 = a.backend_data.is_some() && !a.public_ip.is_unspecified();
                 let peer_v6 = a.backend_v6_data.is_some() && a.public_ipv6.is_some();
-                let use_v6 = match self.settings.mode {
-                    WireguardMode::Ipv6 => true,
-                    WireguardMode::Auto => {
-                        if !peer_v4 && peer_v6 {
-                            true
-                        } else if !peer_v6 || (!is_private4(a.public_ip) && self.own_v4.is_some()) {
-                            false
-                        } else {
-                            a.public_ipv6.is_some_and(|p| !is_private6(p))
-                                && self.own_v6.is_some_and(|o| !is_private6(o))
-                        }
-                    }
-                    _ => false,
-                };
+                let use_v6 = endpoint_is_v6(
+                    self.settings.mode,
+                    peer_v4.then_some(a.public_ip),
+                    if peer_v6 { a.public_ipv6 } else { None },
+                    self.own_v4,
+                    self.own_v6,
+                );
                 let (data, ep) = if use_v6 { v6()? } else { v4()? };
                 (data, ep, allowed)
             }
@@ -649,6 +664,75 @@ mod tests {
             .unwrap_err()
             .contains("incorrect key size: 3"));
         assert!(parse_lease_data(None).is_err());
+    }
+
+    #[test]
+    fn auto_mode_endpoint_choice_is_gos() {
+        let v4 = |s: &str| Some(s.parse::<Ipv4Addr>().unwrap());
+        let v6 = |s: &str| Some(s.parse::<Ipv6Addr>().unwrap());
+        let auto = WireguardMode::Auto;
+        // Only one family on the peer: that one.
+        assert!(!endpoint_is_v6(
+            auto,
+            v4("10.0.0.1"),
+            None,
+            v4("10.0.0.2"),
+            v6("2001:db8::2")
+        ));
+        assert!(endpoint_is_v6(
+            auto,
+            None,
+            v6("fd00::1"),
+            v4("10.0.0.2"),
+            v6("fd00::2")
+        ));
+        // Public peer v4 and we have v4: v4.
+        assert!(!endpoint_is_v6(
+            auto,
+            v4("8.8.8.8"),
+            v6("2001:db8::1"),
+            v4("1.1.1.1"),
+            v6("2001:db8::2")
+        ));
+        // Private v4, public v6 on both sides: v6.
+        assert!(endpoint_is_v6(
+            auto,
+            v4("10.0.0.1"),
+            v6("2001:db8::1"),
+            v4("10.0.0.2"),
+            v6("2001:db8::2")
+        ));
+        // Private v4, ULA v6: v4.
+        assert!(!endpoint_is_v6(
+            auto,
+            v4("10.0.0.1"),
+            v6("fd00::1"),
+            v4("10.0.0.2"),
+            v6("fd00::2")
+        ));
+        // Our v6 is ULA: v4.
+        assert!(!endpoint_is_v6(
+            auto,
+            v4("10.0.0.1"),
+            v6("2001:db8::1"),
+            v4("10.0.0.2"),
+            v6("fd00::2")
+        ));
+        // Fixed modes.
+        assert!(endpoint_is_v6(
+            WireguardMode::Ipv6,
+            v4("8.8.8.8"),
+            v6("fd00::1"),
+            None,
+            None
+        ));
+        assert!(!endpoint_is_v6(
+            WireguardMode::Ipv4,
+            None,
+            v6("2001:db8::1"),
+            None,
+            None
+        ));
     }
 
     #[test]
