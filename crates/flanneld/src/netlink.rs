@@ -19,7 +19,7 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan, LinkWireguard, RouteMessageBuilder};
 
 /// A netlink failure, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -579,6 +579,16 @@ impl Netlink {
             .execute()
             .await
             .map_err(wrap(format!("failed to create vxlan device {}", spec.name)))
+    }
+
+    /// Creates a kernel WireGuard device (keys and peers are set over generic netlink).
+    pub async fn create_wireguard(&self, name: &str, mtu: u32) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .add(LinkWireguard::new(name).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(wrap(format!("failed to create wireguard device {name}")))
     }
 
     /// Deletes a link.

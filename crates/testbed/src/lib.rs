@@ -13,6 +13,7 @@ pub mod kube_cluster;
 pub mod kubeapi;
 pub mod netns;
 pub mod podman;
+pub mod qemu;
 pub mod tls;
 pub mod wggo;
 

@@ -141,6 +141,26 @@ impl NetNs {
         .expect("udp_send thread");
     }
 
+    /// Runs `f` on a thread that has joined the namespace (for in-process netlink: a netlink
+    /// socket stays bound to the namespace it was opened in) and returns its result; a panic
+    /// in `f` is re-raised here.
+    pub fn run_in<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let path = format!("/run/netns/{}", self.name);
+        let joined = std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this thread only; the fd is valid.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns failed: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join();
+        match joined {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
     /// Spawns a long-running process in the namespace.
     pub fn spawn(&self, mut cmd: Command) -> Child {
         cmd.spawn()

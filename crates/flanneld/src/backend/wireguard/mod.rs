@@ -10,6 +10,7 @@
 //! that chooses.
 
 pub mod datapath;
+pub mod kernel;
 pub mod keys;
 pub mod uapi;
 pub mod userspace;
@@ -40,12 +41,6 @@ fn err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Other(e.to_string())
 }
 
-/// Whether the kernel has WireGuard. Stub until the kernel data path (`kernel.rs`) is
-/// merged: then this becomes `kernel::kernel_available().await`.
-async fn kernel_available() -> bool {
-    false
-}
-
 /// The data path of one device: the kernel's WireGuard when it is there, else user space
 /// (`FLANNEL_WG_DATAPATH=userspace` forces user space, `kernel` forces the kernel).
 pub async fn open_datapath(
@@ -57,13 +52,12 @@ pub async fn open_datapath(
     let kernel = match std::env::var("FLANNEL_WG_DATAPATH").as_deref() {
         Ok("userspace") => false,
         Ok("kernel") => true,
-        _ => kernel_available().await,
+        _ => kernel::kernel_available().await,
     };
     if kernel {
-        // At merge: return Ok(Box::new(kernel::KernelWg::create(name, mtu, config).await?));
-        return Err(err(format!(
-            "{name}: the kernel WireGuard data path is not built in (set FLANNEL_WG_DATAPATH=userspace)"
-        )));
+        let dp = kernel::KernelWg::create(name, mtu).await?;
+        tracing::info!("wireguard: {name} is the kernel's WireGuard");
+        return Ok(Box::new(dp));
     }
     // Go deletes an existing device and creates it anew; a TUN of ours is re-attached
     // instead (it outlives flanneld, so a restart keeps forwarding), anything else goes.
