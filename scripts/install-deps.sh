@@ -42,3 +42,15 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}" >/dev/null
 fi
+# The wireguard backend's tests and benchmark: Debian's user-space wireguard-go and `wg`
+# (interop peer and reference), nsenter (util-linux) to reach their mount namespaces.
+wg_need=()
+command -v wireguard-go >/dev/null || wg_need+=(wireguard-go)
+command -v wg >/dev/null || wg_need+=(wireguard-tools)
+command -v nsenter >/dev/null || wg_need+=(util-linux)
+if [ ${#wg_need[@]} -gt 0 ]; then
+    echo "installing: ${wg_need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${wg_need[@]}" >/dev/null
+fi

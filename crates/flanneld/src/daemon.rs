@@ -223,6 +223,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
     if config.backend_type != "udp" {
         backend::udp::remove_leftover_device(&nl).await;
     }
+    if config.backend_type != "wireguard" {
+        backend::wireguard::remove_leftover_device(&nl).await;
+    }
     let be = constructor(&ctx).context("Error fetching backend")?;
     let network = tokio::select! {
         n = be.register_network(&ctx) => n.context("Error registering network")?,

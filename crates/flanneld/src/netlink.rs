@@ -687,6 +687,20 @@ impl Netlink {
             .map_err(wrap(format!("failed to replace route {r}")))
     }
 
+    /// Installs or replaces a device route with scope link (`<dst> dev <oif> scope link`, as
+    /// the wireguard backend's network route).
+    pub async fn replace_link_route(&self, r: &RouteSpec) -> Result<(), NetlinkError> {
+        let mut msg = r.message()?;
+        msg.header.scope = RouteScope::Link;
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(wrap(format!("failed to replace route {r} scope link")))
+    }
+
     /// Removes a route; a route that is already gone is not an error.
     pub async fn delete_route(&self, r: &RouteSpec) -> Result<(), NetlinkError> {
         let mut msg = r.message()?;

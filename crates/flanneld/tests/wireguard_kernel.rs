@@ -381,11 +381,9 @@ fn guest_kernel_wireguard_three_hosts() {
     println!("kernel wireguard: 3 hosts configured, pinged, peer removed");
 }
 
-/// The full backend on the guest's kernel: 3 flanneld with the wireguard backend. Enable (drop
-/// the `#[ignore]`) once the wireguard backend is registered; `cargo test --test
-/// wireguard_kernel -- --ignored` runs it before that.
+/// The full backend on the guest's kernel: 3 flanneld with the wireguard backend (its
+/// `open_datapath` picks `KernelWg` there).
 #[test]
-#[ignore = "needs the wireguard backend in flanneld (issue 12 control plane)"]
 fn flanneld_wireguard_three_hosts_in_guest() {
     testbed::require_root();
     let run = run_in_guest(

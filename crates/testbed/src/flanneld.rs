@@ -31,7 +31,27 @@ impl Flanneld {
     ) -> Self {
         let log = dir.join(format!("{}.log", unique_name("flanneld")));
         let file = std::fs::File::create(&log).expect("flanneld log");
-        let mut cmd = ns.command(binary("flanneld"));
+        // `TESTBED_PRIVATE_RUN=1`: flanneld gets its own mount namespace with a tmpfs on /run,
+        // like a real host (e.g. its own /run/flannel/wgkey and /var/run/wireguard sockets);
+        // reach it with `nsenter -t <pid> -m -n`.
+        let private_run = env
+            .iter()
+            .any(|(k, v)| *k == "TESTBED_PRIVATE_RUN" && *v == "1");
+        let mut cmd = if private_run {
+            let mut c = ns.command("unshare");
+            c.args([
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "mount -t tmpfs -o mode=755 tmpfs /run && exec \"$0\" \"$@\"",
+            ])
+            .arg(binary("flanneld"));
+            c
+        } else {
+            ns.command(binary("flanneld"))
+        };
         cmd.args(args.iter().map(|a| a.as_ref()))
             .env("RUST_LOG", "info,flanneld=debug")
             .stdin(Stdio::null())

@@ -15,6 +15,7 @@ pub mod netns;
 pub mod podman;
 pub mod qemu;
 pub mod tls;
+pub mod wggo;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

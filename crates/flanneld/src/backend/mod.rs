@@ -4,6 +4,7 @@
 //! handles batches of lease events. Adding a backend = one module + one line in [`lookup`].
 
 pub mod alloc;
+pub mod engine;
 pub mod hostgw;
 pub mod udp;
 pub mod vxlan;
@@ -105,6 +106,7 @@ pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
         "host-gw" => Ok(hostgw::HostGwBackend::create),
         "udp" => Ok(udp::UdpBackend::create),
         "vxlan" => Ok(vxlan::VxlanBackend::create),
+        "wireguard" => Ok(wireguard::WireguardBackend::create),
         other => Err(BackendError::UnknownType(other.to_string())),
     }
 }

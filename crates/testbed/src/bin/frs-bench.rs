@@ -2,7 +2,9 @@
 //! vxlan, measured side by side in one run on the test-bed and printed as ratios to the underlay.
 //!
 //! `frs-bench [--seconds N] [--streams N] [--rounds N] [--modes a,b,..]`. Modes: underlay,
-//! host-gw, vxlan, udp (offload data path), udp-batch, udp-simple (one packet per syscall). Each
+//! host-gw, vxlan, udp (offload data path), udp-batch, udp-simple (one packet per syscall),
+//! wireguard (our user-space WireGuard; wireguard-batch without offloads), wireguard-go (a pair
+//! of Debian's wireguard-go set up by hand as Go flannel does, the reference). Each
 //! round measures every mode once, in turn, so machine noise hits all modes alike; medians over
 //! rounds are reported, with flanneld's CPU time per Gbit for the user-space modes.
 
@@ -12,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use testbed::netns::NetNs;
+use testbed::wggo::HandWg;
 use testbed::Cluster;
 
 struct Sample {
@@ -97,24 +100,45 @@ fn measure(mode: &str, seconds: u32, streams: u32) -> Sample {
             cpu_per_gbit: 0.0,
         };
     }
-    let (backend, datapath) = match mode {
-        "udp-batch" => ("udp", "batch"),
-        "udp-simple" => ("udp", "simple"),
-        "udp" => ("udp", "offload"),
-        other => (other, "offload"),
+    let mut hand = vec![];
+    let pids: Vec<u32> = if mode == "wireguard-go" {
+        let net = "10.8.0.0/16";
+        hand.push(HandWg::start(&c, 0, "10.8.1.0/24", net, None));
+        hand.push(HandWg::start(&c, 1, "10.8.2.0/24", net, None));
+        hand[0].add_peer(&hand[1].public_key, "192.168.100.12:51820", "10.8.2.0/24");
+        hand[1].add_peer(&hand[0].public_key, "192.168.100.11:51820", "10.8.1.0/24");
+        hand.iter().map(|h| h.pid()).collect()
+    } else {
+        let (backend, datapath) = match mode {
+            "udp-batch" => ("udp", "batch"),
+            "udp-simple" => ("udp", "simple"),
+            "udp" => ("udp", "offload"),
+            "wireguard-batch" => ("wireguard", "batch"),
+            other => (other, "offload"),
+        };
+        c.put_config(
+            None,
+            &format!(r#"{{"Network":"10.8.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
+        );
+        for h in 0..2 {
+            let key = c.dir.join(&format!("wgkey-{h}"));
+            let key = key.to_string_lossy().into_owned();
+            c.start_flanneld_env(
+                h,
+                &[],
+                &[
+                    ("FLANNEL_UDP_DATAPATH", datapath),
+                    ("TESTBED_PRIVATE_RUN", "1"),
+                    ("WIREGUARD_KEY_FILE", &key),
+                ],
+            );
+        }
+        (0..2).filter_map(|h| c.flanneld(h).pid()).collect()
     };
-    c.put_config(
-        None,
-        &format!(r#"{{"Network":"10.8.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
-    );
-    for h in 0..2 {
-        c.start_flanneld_env(h, &[], &[("FLANNEL_UDP_DATAPATH", datapath)]);
-    }
     let a = c.add_pod(0);
     let b = c.add_pod(1);
     c.wait_full_mesh(Duration::from_secs(20));
     let ip = c.pods[b].ip;
-    let pids: Vec<u32> = (0..2).filter_map(|h| c.flanneld(h).pid()).collect();
     let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
     let gbps = iperf(&c.pods[a].ns, &c.pods[b].ns, ip, seconds, streams);
     let cpu1: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
@@ -166,7 +190,7 @@ fn main() {
         for (i, m) in modes.iter().enumerate() {
             let s = measure(m, seconds, streams);
             eprintln!(
-                "round {round} {m:<9} {:>7.2} Gbit/s  {:>7.1} us",
+                "round {round} {m:<15} {:>7.2} Gbit/s  {:>7.1} us",
                 s.gbps,
                 s.rtt_ms * 1000.0
             );
@@ -181,7 +205,7 @@ fn main() {
         "pod-to-pod TCP ({streams} stream(s), {seconds} s) and ping RTT, median of {rounds} rounds"
     );
     println!(
-        "{:<11} {:>10} {:>10} {:>10} {:>10} {:>14}",
+        "{:<15} {:>10} {:>10} {:>10} {:>10} {:>14}",
         "mode", "Gbit/s", "x underlay", "RTT us", "x underlay", "CPU s per Gbit"
     );
     for (i, m) in modes.iter().enumerate() {
@@ -189,11 +213,11 @@ fn main() {
         let r = median(results[i].1.clone());
         let cpu = median(results[i].2.clone());
         println!(
-            "{m:<11} {g:>10.2} {:>10.2} {:>10.1} {:>10.2} {:>14}",
+            "{m:<15} {g:>10.2} {:>10.2} {:>10.1} {:>10.2} {:>14}",
             g / base_gbps,
             r * 1000.0,
             r / base_rtt,
-            if m.starts_with("udp") {
+            if m.starts_with("udp") || m.starts_with("wireguard") {
                 format!("{cpu:.3}")
             } else {
                 "-".to_string()

@@ -5,11 +5,11 @@
 //! uses TUN and UDP segmentation offloads and one worker per TUN queue (see `datapath`). The
 //! device is persistent, so a restart (even after SIGKILL) only pauses forwarding.
 
-pub mod datapath;
+pub mod codec;
 pub mod packet;
 pub mod routes;
-pub mod sock;
-pub mod steer;
+
+pub use super::engine::steer;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
@@ -19,10 +19,11 @@ use flannel_types::backend_options::UdpOptions;
 use flannel_types::LeaseAttrs;
 use ipnet::IpNet;
 
+use super::engine::{self as datapath, Mode};
 use super::{Backend, BackendContext, BackendError, Network};
 use crate::lease::{Lease, LeaseEvent};
 use crate::netlink::{Netlink, RouteSpec};
-use datapath::{Mode, Shared};
+use codec::UdpCodec;
 use routes::RouteTable;
 
 /// The TUN device name (Go's `flannel%d` template yields `flannel0`).
@@ -70,7 +71,7 @@ struct UdpNetwork {
     lease: Lease,
     mtu: u32,
     port: u16,
-    shared: Arc<Shared>,
+    shared: Arc<UdpCodec>,
 }
 
 #[async_trait]
@@ -90,18 +91,7 @@ impl Backend for UdpBackend {
         let tun_ip = lease.key.ipv4.network();
 
         let mode = Mode::from_env();
-        let queues = match mode {
-            Mode::Simple => 1,
-            _ => std::env::var("FLANNEL_UDP_QUEUES")
-                .ok()
-                .and_then(|q| q.parse().ok())
-                .unwrap_or_else(|| {
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1)
-                })
-                .clamp(1, 16),
-        };
+        let queues = mode.queues();
         let (devs, mode) = match datapath::open_tun(DEVICE, mode, queues) {
             Ok(d) => d,
             Err(e) => {
@@ -158,11 +148,11 @@ impl Backend for UdpBackend {
             .map_err(err)?;
         }
 
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(UdpCodec {
             routes: RwLock::new(RouteTable::default()),
             tun_ip,
         });
-        let running = datapath::start(
+        let (running, _) = datapath::start(
             devs,
             mode,
             SocketAddrV4::new(bind_ip, self.port),

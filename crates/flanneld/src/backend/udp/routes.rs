@@ -9,10 +9,17 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use ipnet::Ipv4Net;
 
 /// Remote subnets and where to send their packets.
-#[derive(Debug, Clone, Default)]
-pub struct RouteTable {
+/// `V` is what a route leads to (udp: the peer's socket address; wireguard: a peer id).
+#[derive(Debug, Clone)]
+pub struct RouteTable<V = SocketAddrV4> {
     /// (prefix length, network -> peer), longest prefix first.
-    by_len: Vec<(u8, HashMap<u32, SocketAddrV4>)>,
+    by_len: Vec<(u8, HashMap<u32, V>)>,
+}
+
+impl<V> Default for RouteTable<V> {
+    fn default() -> Self {
+        RouteTable { by_len: vec![] }
+    }
 }
 
 fn mask(len: u8) -> u32 {
@@ -23,9 +30,9 @@ fn mask(len: u8) -> u32 {
     }
 }
 
-impl RouteTable {
+impl<V: Copy + Ord> RouteTable<V> {
     /// Adds or replaces the route for `subnet`.
-    pub fn insert(&mut self, subnet: Ipv4Net, peer: SocketAddrV4) {
+    pub fn insert(&mut self, subnet: Ipv4Net, peer: V) {
         let len = subnet.prefix_len();
         let net = u32::from(subnet.network());
         match self.by_len.iter_mut().find(|(l, _)| *l == len) {
@@ -50,7 +57,7 @@ impl RouteTable {
     }
 
     /// The peer for destination `dst` (host byte order), longest prefix first.
-    pub fn lookup(&self, dst: u32) -> Option<SocketAddrV4> {
+    pub fn lookup(&self, dst: u32) -> Option<V> {
         self.by_len
             .iter()
             .find_map(|(len, m)| m.get(&(dst & mask(*len))).copied())
@@ -67,7 +74,7 @@ impl RouteTable {
     }
 
     /// All routes (for logs and tests).
-    pub fn entries(&self) -> Vec<(Ipv4Net, SocketAddrV4)> {
+    pub fn entries(&self) -> Vec<(Ipv4Net, V)> {
         let mut v: Vec<_> = self
             .by_len
             .iter()

@@ -111,6 +111,13 @@ impl UdpSock {
         self.setsockopt(SOL_UDP, UDP_SEGMENT, 0).is_ok()
     }
 
+    /// Another handle on the same socket.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(UdpSock {
+            fd: self.fd.try_clone()?,
+        })
+    }
+
     /// Sends one datagram.
     pub fn send_to(&self, buf: &[u8], dst: SocketAddrV4) -> io::Result<usize> {
         let sa = sockaddr(dst);

@@ -1,4 +1,7 @@
-//! The udp backend's packet loops: TUN <-> UDP, on dedicated threads.
+//! The TUN <-> UDP packet engine shared by the `udp` and `wireguard` backends: one worker thread
+//! per TUN queue, both directions, batched system calls and offloads. What a packet becomes on
+//! the wire is the backend's business, behind [`Codec`] (udp: the raw IPv4 packet; wireguard:
+//! a WireGuard message).
 //!
 //! Three modes of the same code, so each technique's gain can be measured:
 //! - `simple`: one queue, one packet per system call, no busy polling (what Go flannel's C
@@ -12,20 +15,20 @@
 //! Each worker serves both directions of its TUN queue on one thread, so a reply that the kernel
 //! produces while we write a packet to the TUN is picked up without sleeping. After activity a
 //! worker can keep polling for `FLANNEL_UDP_SPIN_US` microseconds (default 0: off) before it
-//! blocks, which spares
-//! back-to-back packets a thread wake-up. Buffers are allocated once per worker; the route table
-//! is read under a lock once per batch.
+//! blocks, which spares back-to-back packets a thread wake-up. Buffers are allocated once per
+//! worker.
+
+pub mod sock;
+pub mod steer;
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tun_rs::{DeviceBuilder, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
-use super::packet::{decrement_ttl, icmp_net_unreachable, ipv4_dst};
-use super::routes::RouteTable;
-use super::sock::{MultiRecv, MultiSend, UdpSock, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
+use sock::{MultiRecv, MultiSend, UdpSock, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 
 /// Which data path to run (env `FLANNEL_UDP_DATAPATH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,14 +50,75 @@ impl Mode {
             _ => Mode::Offload,
         }
     }
+
+    /// The number of TUN queues / workers for this mode (`FLANNEL_UDP_QUEUES`, default: one
+    /// per CPU, at most 16).
+    pub fn queues(self) -> usize {
+        match self {
+            Mode::Simple => 1,
+            _ => std::env::var("FLANNEL_UDP_QUEUES")
+                .ok()
+                .and_then(|q| q.parse().ok())
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1)
+                })
+                .clamp(1, 16),
+        }
+    }
 }
 
-/// What is shared between the packet threads and the lease handler.
-pub struct Shared {
-    /// Remote subnets -> peers; replaced entry by entry while packets flow.
-    pub routes: RwLock<RouteTable>,
-    /// Source of ICMP replies (this host's flannel0 address).
-    pub tun_ip: Ipv4Addr,
+/// What to do with one packet read from the TUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tx {
+    /// Nothing is sent.
+    Drop,
+    /// Send the packet itself (possibly modified in place) to this address.
+    InPlace(SocketAddrV4),
+    /// Send the first `usize` bytes of the packet's output buffer to this address.
+    Encoded(SocketAddrV4, usize),
+}
+
+/// What handling a datagram produced.
+pub enum Emit<'a> {
+    /// An IP packet for the TUN.
+    Tun(&'a [u8]),
+    /// A datagram to send back to the network.
+    Net(SocketAddrV4, &'a [u8]),
+}
+
+/// What a backend puts on the wire: the engine moves packets, the codec decides what they
+/// become. Shared by every worker; per-worker scratch state lives in [`Codec::Local`].
+pub trait Codec: Send + Sync + 'static {
+    /// Per-worker state (scratch buffers).
+    type Local: Send + 'static;
+    /// Bytes an encoded datagram may need beyond the packet (0: packets are sent in place).
+    const ROOM: usize;
+    /// Fresh per-worker state.
+    fn local(&self) -> Self::Local;
+    /// Decides, for a batch of packets read from the TUN (`pkts[i][..sizes[i]]`), what to send
+    /// (`verdicts[i]`; encoded datagrams go to `outs[i]`). `reply` writes a packet back to
+    /// the TUN (e.g. an ICMP error).
+    #[allow(clippy::too_many_arguments)]
+    fn outbound(
+        &self,
+        local: &mut Self::Local,
+        pkts: &mut [Vec<u8>],
+        sizes: &[usize],
+        outs: &mut [Vec<u8>],
+        verdicts: &mut [Tx],
+        reply: &mut dyn FnMut(&[u8]),
+    );
+    /// Handles one datagram from `src`; `scratch` is a 64 KB work buffer.
+    fn inbound(
+        &self,
+        local: &mut Self::Local,
+        src: SocketAddrV4,
+        dgram: &mut [u8],
+        scratch: &mut [u8],
+        emit: &mut dyn FnMut(Emit<'_>),
+    );
 }
 
 /// What actually runs (after fallbacks).
@@ -95,7 +159,7 @@ pub fn open_tun(name: &str, mode: Mode, queues: usize) -> io::Result<(Vec<SyncDe
         Mode::Offload => match try_open(true, multi) {
             Ok(d) => Ok((d, Mode::Offload)),
             Err(e) => {
-                tracing::warn!("udp: TUN offloads unavailable ({e}); using batched mode");
+                tracing::warn!("{name}: TUN offloads unavailable ({e}); using batched mode");
                 try_open(false, multi).map(|d| (d, Mode::Batch))
             }
         },
@@ -103,14 +167,15 @@ pub fn open_tun(name: &str, mode: Mode, queues: usize) -> io::Result<(Vec<SyncDe
     }
 }
 
-/// Starts one packet worker per TUN queue.
-pub fn start(
+/// Starts one packet worker per TUN queue. Returns what runs and one more handle on the
+/// first worker's socket (for sends outside the packet loops, e.g. timers).
+pub fn start<C: Codec>(
     devs: Vec<SyncDevice>,
     mode: Mode,
     bind: SocketAddrV4,
     mtu: usize,
-    shared: Arc<Shared>,
-) -> io::Result<Running> {
+    codec: Arc<C>,
+) -> io::Result<(Running, UdpSock)> {
     let queues = devs.len();
     let mut running = Running {
         mode,
@@ -133,57 +198,35 @@ pub fn start(
         }
         socks.push(sock);
     }
+    let sender = socks[0].try_clone()?;
     let want_steering = mode != Mode::Simple
         && queues > 1
-        && super::steer::contiguous_cpus() == Some(queues)
+        && steer::contiguous_cpus() == Some(queues)
         && std::env::var("FLANNEL_UDP_CPU_STEERING").as_deref() == Ok("1");
     if want_steering {
-        let steered = super::steer::steer_tun_by_cpu(devs[0].as_raw_fd())
-            .and_then(|_| super::steer::steer_reuseport_by_cpu(socks[0].as_raw_fd()));
+        let steered = steer::steer_tun_by_cpu(devs[0].as_raw_fd())
+            .and_then(|_| steer::steer_reuseport_by_cpu(socks[0].as_raw_fd()));
         match steered {
             Ok(()) => running.cpu_steering = true,
-            Err(e) => tracing::info!("udp: CPU steering unavailable ({e}); using flow hashing"),
+            Err(e) => tracing::info!("CPU steering unavailable ({e}); using flow hashing"),
         }
     }
     for (q, (dev, sock)) in devs.into_iter().zip(socks).enumerate() {
         dev.set_nonblocking(true)?;
-        let mut w = Worker::new(dev, sock, shared.clone(), mtu, mode, running, spin);
+        let mut w = Worker::new(dev, sock, codec.clone(), mtu, mode, running, spin);
         let pin = running.cpu_steering;
         std::thread::Builder::new()
-            .name(format!("udp-q{q}"))
+            .name(format!("tun-q{q}"))
             .spawn(move || {
                 if pin {
-                    if let Err(e) = super::steer::pin_current_thread(q) {
-                        tracing::warn!("udp: cannot pin worker {q} to CPU {q}: {e}");
+                    if let Err(e) = steer::pin_current_thread(q) {
+                        tracing::warn!("cannot pin worker {q} to CPU {q}: {e}");
                     }
                 }
                 w.run()
             })?;
     }
-    Ok(running)
-}
-
-/// Where a packet read from the TUN goes.
-enum Verdict {
-    Send(SocketAddrV4),
-    Unreachable,
-    Drop,
-}
-
-fn classify(pkt: &mut [u8], routes: &RouteTable) -> Verdict {
-    let Some(dst) = ipv4_dst(pkt) else {
-        return Verdict::Drop;
-    };
-    match routes.lookup(dst) {
-        None => Verdict::Unreachable,
-        Some(peer) => {
-            if decrement_ttl(pkt) {
-                Verdict::Send(peer)
-            } else {
-                Verdict::Drop
-            }
-        }
-    }
+    Ok((running, sender))
 }
 
 /// Packets per TUN drain.
@@ -205,11 +248,27 @@ fn now_ns() -> u64 {
 /// When any worker last moved a packet.
 static LAST_ACTIVITY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Writes one packet to the TUN, with an empty virtio-net header when offloads are on.
+fn write_tun(dev: &SyncDevice, vnet: bool, tmp: &mut Vec<u8>, pkt: &[u8]) {
+    let r = if vnet {
+        tmp.clear();
+        tmp.resize(VIRTIO_NET_HDR_LEN, 0);
+        tmp.extend_from_slice(pkt);
+        dev.send(tmp)
+    } else {
+        dev.send(pkt)
+    };
+    if let Err(e) = r {
+        tracing::debug!("TUN write: {e}");
+    }
+}
+
 /// One TUN queue and its UDP socket, both directions, on one thread.
-struct Worker {
+struct Worker<C: Codec> {
     dev: SyncDevice,
     sock: UdpSock,
-    shared: Arc<Shared>,
+    codec: Arc<C>,
+    local: C::Local,
     mode: Mode,
     run: Running,
     spin_ns: u64,
@@ -217,20 +276,22 @@ struct Worker {
     orig: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    peers: Vec<Option<SocketAddrV4>>,
-    icmp: Vec<u8>,
+    outs: Vec<Vec<u8>>,
+    verdicts: Vec<Tx>,
+    tmp: Vec<u8>,
     out: MultiSend,
     // UDP -> TUN
     rx: MultiRecv,
     rx_out: Vec<Vec<u8>>,
+    scratch: Vec<u8>,
     gro_table: GROTable,
 }
 
-impl Worker {
+impl<C: Codec> Worker<C> {
     fn new(
         dev: SyncDevice,
         sock: UdpSock,
-        shared: Arc<Shared>,
+        codec: Arc<C>,
         mtu: usize,
         mode: Mode,
         run: Running,
@@ -240,23 +301,32 @@ impl Worker {
         let batch = if mode == Mode::Simple { 1 } else { TX_BATCH };
         let rx_size = if run.gro { 65_535 } else { mtu.max(1500) + 64 };
         let rx_batch = if mode == Mode::Simple { 1 } else { RX_BATCH };
+        let out_len = if C::ROOM > 0 {
+            (mtu + 64 + C::ROOM).max(256)
+        } else {
+            0
+        };
+        let local = codec.local();
         Worker {
             dev,
             sock,
-            shared,
+            codec,
+            local,
             mode,
             run,
             spin_ns: spin_us * 1000,
             orig: vec![0u8; VIRTIO_NET_HDR_LEN + 65_535],
             bufs: (0..batch).map(|_| vec![0u8; mtu + 64]).collect(),
             sizes: vec![0; batch],
-            peers: vec![None; batch],
-            icmp: vec![0u8; 256],
+            outs: (0..batch).map(|_| vec![0u8; out_len]).collect(),
+            verdicts: vec![Tx::Drop; batch],
+            tmp: Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65_535),
             out: MultiSend::new(),
             rx: MultiRecv::new(rx_batch, rx_size),
             rx_out: (0..if offload { RX_OUT } else { 0 })
                 .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65_535))
                 .collect(),
+            scratch: vec![0u8; 65_535 + 256],
             gro_table: GROTable::new(),
         }
     }
@@ -294,16 +364,6 @@ impl Worker {
         }
     }
 
-    fn send_unreachable(&mut self, i: usize) {
-        let vnet = self.mode == Mode::Offload;
-        let off = if vnet { VIRTIO_NET_HDR_LEN } else { 0 };
-        self.icmp[..off].fill(0);
-        let pkt = &self.bufs[i][..self.sizes[i]];
-        if let Some(n) = icmp_net_unreachable(pkt, self.shared.tun_ip, &mut self.icmp[off..]) {
-            let _ = self.dev.send(&self.icmp[..off + n]);
-        }
-    }
-
     /// Reads what the TUN has (one packet in simple mode), forwards it; returns the count.
     fn pump_tun(&mut self) -> usize {
         let offload = self.mode == Mode::Offload;
@@ -329,7 +389,7 @@ impl Worker {
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    tracing::debug!("udp: TUN read: {e}");
+                    tracing::debug!("TUN read: {e}");
                     break;
                 }
             }
@@ -341,115 +401,130 @@ impl Worker {
             return 0;
         }
         {
-            let shared = self.shared.clone();
-            let routes = shared.routes.read().unwrap_or_else(|p| p.into_inner());
-            for i in 0..n {
-                let verdict = classify(&mut self.bufs[i][..self.sizes[i]], &routes);
-                self.peers[i] = match verdict {
-                    Verdict::Send(p) => Some(p),
-                    Verdict::Unreachable => {
-                        self.send_unreachable(i);
-                        None
-                    }
-                    Verdict::Drop => None,
-                };
-            }
+            let dev = &self.dev;
+            let tmp = &mut self.tmp;
+            let mut reply = |pkt: &[u8]| write_tun(dev, offload, tmp, pkt);
+            self.codec.outbound(
+                &mut self.local,
+                &mut self.bufs[..n],
+                &self.sizes[..n],
+                &mut self.outs[..n],
+                &mut self.verdicts[..n],
+                &mut reply,
+            );
         }
+        let datagram = |i: usize| -> Option<(SocketAddrV4, &[u8])> {
+            match self.verdicts[i] {
+                Tx::Drop => None,
+                Tx::InPlace(p) => Some((p, &self.bufs[i][..self.sizes[i]])),
+                Tx::Encoded(p, len) => Some((p, &self.outs[i][..len])),
+            }
+        };
         if self.mode == Mode::Simple {
-            if let Some(peer) = self.peers[0] {
-                if let Err(e) = self.sock.send_to(&self.bufs[0][..self.sizes[0]], peer) {
-                    tracing::debug!("udp: send to {peer}: {e}");
+            if let Some((peer, data)) = datagram(0) {
+                if let Err(e) = self.sock.send_to(data, peer) {
+                    tracing::debug!("send to {peer}: {e}");
                 }
             }
             return n;
         }
-        // Group consecutive equal-size packets to one peer into one UDP_SEGMENT send.
+        // Group consecutive equal-size datagrams to one peer into one UDP_SEGMENT send.
         let gso = self.run.gso;
-        let mut segs: Vec<&[u8]> = Vec::with_capacity(MAX_GSO_SEGMENTS);
+        let mut segs: [&[u8]; MAX_GSO_SEGMENTS] = [&[]; MAX_GSO_SEGMENTS];
         let mut i = 0;
         while i < n {
-            let Some(peer) = self.peers[i] else {
+            let Some((peer, first)) = datagram(i) else {
                 i += 1;
                 continue;
             };
-            segs.clear();
-            let size = self.sizes[i];
+            let mut nseg = 0;
+            let size = first.len();
             let mut bytes = 0;
             let mut j = i;
-            while j < n
-                && self.peers[j] == Some(peer)
-                && (gso || j == i)
-                && segs.len() < MAX_GSO_SEGMENTS
-                && bytes + self.sizes[j] <= MAX_GSO_BYTES
-                && self.sizes[j] <= size
-            {
-                segs.push(&self.bufs[j][..self.sizes[j]]);
-                bytes += self.sizes[j];
+            while j < n && (gso || j == i) && nseg < MAX_GSO_SEGMENTS {
+                let Some((p, d)) = datagram(j) else { break };
+                if p != peer || bytes + d.len() > MAX_GSO_BYTES || d.len() > size {
+                    break;
+                }
+                segs[nseg] = d;
+                nseg += 1;
+                bytes += d.len();
                 j += 1;
-                if self.sizes[j - 1] < size {
+                if d.len() < size {
                     break; // a shorter segment must be the last one
                 }
             }
-            self.out.push(peer, &segs);
+            self.out.push(peer, &segs[..nseg]);
             i = j;
         }
         if let Err(e) = self.out.flush(&self.sock) {
-            tracing::debug!("udp: sendmmsg: {e}");
+            tracing::debug!("sendmmsg: {e}");
         }
         n
     }
 
     /// Reads what the socket has, writes the packets to the TUN; returns the datagram count.
     fn pump_udp(&mut self) -> usize {
-        if self.mode == Mode::Simple {
-            let n = match self.sock.recv(&mut self.bufs[0]) {
-                Ok(n) => n,
-                Err(_) => return 0,
-            };
-            let pkt = &mut self.bufs[0][..n];
-            if decrement_ttl(pkt) {
-                let _ = self.dev.send(pkt);
-            }
-            return 1;
-        }
         let n = match self.rx.recv(&self.sock) {
             Ok(n) => n,
             Err(e) => {
                 if e.kind() != io::ErrorKind::WouldBlock {
-                    tracing::debug!("udp: recvmmsg: {e}");
+                    tracing::debug!("recvmmsg: {e}");
                 }
                 return 0;
             }
         };
         let offload = self.mode == Mode::Offload;
+        let Worker {
+            dev,
+            sock,
+            codec,
+            local,
+            rx,
+            rx_out,
+            scratch,
+            gro_table,
+            tmp,
+            ..
+        } = self;
         let mut datagrams = 0;
         let mut k = 0;
         for m in 0..n {
-            let seg = self.rx.seg[m].max(1);
-            let data = self.rx.buf(m);
+            let seg = rx.seg[m].max(1);
+            let src = rx.source(m);
+            let data = rx.buf(m);
             for chunk in data.chunks_mut(seg) {
                 datagrams += 1;
-                if !offload {
-                    if decrement_ttl(chunk) {
-                        let _ = self.dev.send(chunk);
+                let mut emit = |e: Emit<'_>| match e {
+                    Emit::Tun(pkt) => {
+                        if !offload {
+                            if let Err(e) = dev.send(pkt) {
+                                tracing::debug!("TUN write: {e}");
+                            }
+                            return;
+                        }
+                        if k == rx_out.len() {
+                            Self::flush_tun(dev, gro_table, &mut rx_out[..k]);
+                            k = 0;
+                        }
+                        let b = &mut rx_out[k];
+                        b.clear();
+                        b.resize(VIRTIO_NET_HDR_LEN, 0);
+                        b.extend_from_slice(pkt);
+                        k += 1;
                     }
-                    continue;
-                }
-                if k == self.rx_out.len() {
-                    Self::flush_tun(&self.dev, &mut self.gro_table, &mut self.rx_out[..k]);
-                    k = 0;
-                }
-                let b = &mut self.rx_out[k];
-                b.clear();
-                b.resize(VIRTIO_NET_HDR_LEN, 0);
-                b.extend_from_slice(chunk);
-                if decrement_ttl(&mut b[VIRTIO_NET_HDR_LEN..]) {
-                    k += 1;
-                }
+                    Emit::Net(to, d) => {
+                        if let Err(e) = sock.send_to(d, to) {
+                            tracing::debug!("send to {to}: {e}");
+                        }
+                    }
+                };
+                codec.inbound(local, src, chunk, scratch, &mut emit);
             }
         }
+        let _ = tmp;
         if offload && k > 0 {
-            Self::flush_tun(&self.dev, &mut self.gro_table, &mut self.rx_out[..k]);
+            Self::flush_tun(dev, gro_table, &mut rx_out[..k]);
         }
         datagrams
     }
@@ -457,7 +532,7 @@ impl Worker {
     /// Coalesces (GRO) and writes received packets to the TUN.
     fn flush_tun(dev: &SyncDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {
         if let Err(e) = dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
-            tracing::debug!("udp: TUN write: {e}");
+            tracing::debug!("TUN write: {e}");
         }
     }
 }
