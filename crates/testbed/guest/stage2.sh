@@ -1,6 +1,7 @@
 #!/bin/bash
 # Stage 2 of the QEMU test-bed guest (PID 1 on the overlay of the host's root): private /proc,
-# /sys, /tmp, /run, /dev/shm; the modules flanneld's tests need; then the one payload command
+# /sys, /run, /dev/shm (/tmp stays the overlay's: writes land in the guest's RAM, and the test
+# binary may live under the host's /tmp); the modules flanneld's tests need; then the one payload command
 # (written by the host as /frs-run/payload.sh), whose output and exit code go back through the
 # run directory; then power off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -9,7 +10,6 @@ mount -t sysfs sysfs /sys
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 shm /dev/shm
-mount -t tmpfs -o mode=1777 tmp /tmp
 mount -t tmpfs -o mode=0755 run /run
 mkdir -p /run/lock /run/netns
 ln -sf /proc/self/fd /dev/fd
