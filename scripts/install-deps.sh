@@ -24,3 +24,15 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The user-mode-linux test-bed (crates/testbed/src/uml.rs): a kernel with ipip/ESP/XFRM as a
+# process; kmod for modprobe in the guest, iptables-legacy (the guest has no nf_tables for ip).
+need_uml=()
+command -v linux.uml >/dev/null || need_uml+=(user-mode-linux)
+command -v modprobe >/dev/null || need_uml+=(kmod)
+command -v iptables-legacy >/dev/null || need_uml+=(iptables)
+if [ ${#need_uml[@]} -gt 0 ]; then
+    echo "installing: ${need_uml[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq -o DPkg::Lock::Timeout=600 "${need_uml[@]}" >/dev/null
+fi

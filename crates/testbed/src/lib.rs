@@ -14,6 +14,7 @@ pub mod kubeapi;
 pub mod netns;
 pub mod podman;
 pub mod tls;
+pub mod uml;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
