@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod hostgw;
+pub mod ipip;
 pub mod udp;
 pub mod vxlan;
 pub mod wireguard;
@@ -103,6 +104,7 @@ pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
     match backend_type {
         "alloc" => Ok(alloc::AllocBackend::create),
         "host-gw" => Ok(hostgw::HostGwBackend::create),
+        "ipip" => Ok(ipip::IpipBackend::create),
         "udp" => Ok(udp::UdpBackend::create),
         "vxlan" => Ok(vxlan::VxlanBackend::create),
         other => Err(BackendError::UnknownType(other.to_string())),
