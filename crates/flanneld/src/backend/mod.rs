@@ -4,6 +4,7 @@
 //! handles batches of lease events. Adding a backend = one module + one line in [`lookup`].
 
 pub mod alloc;
+pub mod extension;
 pub mod hostgw;
 pub mod ipip;
 pub mod udp;
@@ -103,6 +104,7 @@ pub type Constructor = fn(&BackendContext) -> Result<Box<dyn Backend>, BackendEr
 pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
     match backend_type {
         "alloc" => Ok(alloc::AllocBackend::create),
+        "extension" => Ok(extension::ExtensionBackend::create),
         "host-gw" => Ok(hostgw::HostGwBackend::create),
         "ipip" => Ok(ipip::IpipBackend::create),
         "udp" => Ok(udp::UdpBackend::create),
