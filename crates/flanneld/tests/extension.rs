@@ -133,7 +133,7 @@ fn commands_get_the_documented_environment_and_stdin() {
 
 #[test]
 fn a_failing_command_stops_startup_with_a_clear_error() {
-    let mut c = Cluster::new(1);
+    let c = Cluster::new(1);
     let d = TempDir::new("ext-fail");
     let fail = script(
         &d,
