@@ -48,6 +48,11 @@ pub struct GuestRun {
     pub boot_time: Option<Duration>,
     /// From starting `linux.uml` to its exit.
     pub total_time: Duration,
+    /// Whether the watchdog had to kill the guest.
+    pub timed_out: bool,
+    /// The run's result directory (removed by now; it names the guest's processes on the
+    /// kernel command line, which lets a test check none survived).
+    pub result_dir: PathBuf,
 }
 
 impl GuestRun {
@@ -56,7 +61,8 @@ impl GuestRun {
         assert_eq!(
             self.code,
             Some(0),
-            "guest command failed\n--- output ---\n{}\n--- console (tail) ---\n{}",
+            "guest command failed (timed out: {})\n--- output ---\n{}\n--- console (tail) ---\n{}",
+            self.timed_out,
             self.output,
             tail(&self.console, 40)
         );
@@ -109,10 +115,6 @@ pub fn run_command_in_guest(argv: &[String], timeout: Duration) -> GuestRun {
         "{KERNEL} missing: run scripts/install-deps.sh (package user-mode-linux)"
     );
     let dir = TempDir::new("uml");
-    if std::env::var_os("FRS_UML_KEEP").is_some() {
-        eprintln!("uml: result dir {}", dir.path().display());
-        std::mem::forget(TempDir::new("uml-keep"));
-    }
     let init = dir.join("init.sh");
     std::fs::write(&init, INIT_SCRIPT).expect("write init script");
     std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).expect("chmod init");
@@ -140,6 +142,7 @@ pub fn run_command_in_guest(argv: &[String], timeout: Duration) -> GuestRun {
         .spawn()
         .expect("start linux.uml");
     let mut guest = Guest { child };
+    let mut timed_out = false;
     loop {
         match guest.child.try_wait() {
             Ok(Some(_)) => break,
@@ -148,6 +151,7 @@ pub fn run_command_in_guest(argv: &[String], timeout: Duration) -> GuestRun {
                     std::io::stderr(),
                     "uml: guest timed out after {timeout:?}, killing it"
                 );
+                timed_out = true;
                 break;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(100)),
@@ -171,6 +175,8 @@ pub fn run_command_in_guest(argv: &[String], timeout: Duration) -> GuestRun {
         console: read("console.log"),
         boot_time,
         total_time,
+        timed_out,
+        result_dir: dir.path().to_path_buf(),
     }
 }
 

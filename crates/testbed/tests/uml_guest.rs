@@ -58,3 +58,23 @@ fn guest_part() {
     sh("ip netns del frs-uml-probe");
     println!("guest checks passed");
 }
+
+/// The watchdog kills a guest that overruns its time, with all of linux.uml's processes.
+#[test]
+fn watchdog_kills_an_overrunning_guest_and_all_its_processes() {
+    if uml::in_guest() {
+        return;
+    }
+    let run = uml::run_command_in_guest(&["sleep".into(), "600".into()], Duration::from_secs(10));
+    assert!(run.timed_out);
+    assert_eq!(run.code, None);
+    let marker = run.result_dir.display().to_string();
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&marker))
+        .collect();
+    assert!(survivors.is_empty(), "{survivors:?}");
+}
