@@ -18,11 +18,14 @@ command -v bridge >/dev/null || need+=(iproute2)
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+# Operations: promtool checks the /metrics exposition.
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
+    # Wait for a dpkg lock held by another installer instead of failing.
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}" >/dev/null
 fi
 # The user-mode-linux test-bed (crates/testbed/src/uml.rs): a kernel with ipip/ESP/XFRM as a
 # process; kmod for modprobe in the guest, iptables-legacy (the guest has no nf_tables for ip).

@@ -90,6 +90,7 @@ async fn wait_for_config(store: &dyn SubnetStore) -> NetworkConfig {
                 return c;
             }
             Err(e) => {
+                crate::metrics::metrics().store_error();
                 tracing::error!("Couldn't fetch network config: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -256,7 +257,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
             readiness.set_ready();
             tracing::info!("flannel is ready");
         }
-        Err(e) => tracing::warn!("Failed to write subnet file {}: {e}", opts.subnet_file),
+        // The reference only warns and then runs on uselessly (never ready): fail instead.
+        Err(e) => bail!("failed to write subnet file {}: {e}", opts.subnet_file),
     }
 
     // Lease watch -> backend.
@@ -270,12 +272,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
             }
         });
     }
+    crate::metrics::metrics().set_lease_expiry(lease.expiration);
     tasks.spawn(drive_backend(
         network,
         LeaseWatcher::new(lease.key),
         watch_rx,
+        config.backend_type.clone(),
     ));
 
+    notify_systemd_ready();
     {
         let store = store.clone();
         let lease = lease.clone();
@@ -288,7 +293,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
 
     let margin = Duration::from_secs(opts.subnet_lease_renew_margin as u64 * 60);
     let outcome = tokio::select! {
-        r = keep_lease(store.clone(), lease, margin) => r,
+        r = keep_lease(store.clone(), config.clone(), lease, margin) => r,
         _ = &mut signal => Shutdown::Signal,
     };
     match outcome {
@@ -300,13 +305,41 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
     Ok(outcome)
 }
 
+/// Tells systemd (`Type=notify` units) that flanneld is ready: subnet.env is written and the
+/// backend runs. Does nothing without `NOTIFY_SOCKET`.
+fn notify_systemd_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+        let sock = UnixDatagram::unbound()?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                <UnixAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name)?
+            }
+            None => UnixAddr::from_pathname(&path)?,
+        };
+        sock.send_to_addr(b"READY=1", &addr)?;
+        Ok(())
+    })();
+    match sent {
+        Ok(()) => tracing::info!("notified systemd: READY=1"),
+        Err(e) => tracing::warn!("failed to notify systemd at {path:?}: {e}"),
+    }
+}
+
 /// Feeds lease updates to the backend (as event batches, with a resync after every snapshot)
 /// and runs its periodic check, until the watch ends.
 async fn drive_backend(
     mut network: Box<dyn backend::Network>,
     mut watcher: LeaseWatcher,
     mut watch_rx: mpsc::Receiver<StoreUpdate>,
+    backend_type: String,
 ) {
+    let metrics = crate::metrics::metrics();
+    metrics.set_leases(&backend_type, 0);
     let mut check = tokio::time::interval(network.check_interval());
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await;
@@ -336,7 +369,13 @@ async fn drive_backend(
             }
         }
         if !batch.is_empty() {
+            let added = batch
+                .iter()
+                .filter(|e| matches!(e, LeaseEvent::Added(_)))
+                .count();
+            metrics.lease_events(added, batch.len() - added);
             network.handle_events(batch).await;
+            metrics.set_leases(&backend_type, watcher.known().count());
         }
         if is_snapshot {
             let known: Vec<Lease> = watcher.known().cloned().collect();
@@ -476,16 +515,39 @@ async fn keep_blackhole_routes(nl: Netlink, lease: Lease, period: Duration) {
     }
 }
 
-/// Renews the lease before it expires and watches it; returns when it is revoked.
-async fn keep_lease(store: Arc<dyn SubnetStore>, mut lease: Lease, margin: Duration) -> Shutdown {
-    let (tx, mut rx) = mpsc::channel(8);
+/// Delay before the next renewal attempt after a failure: 1 s doubling to 8 s, so a renewal
+/// that fell due during a store outage succeeds within seconds of the store's return.
+fn renew_retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(3))
+}
+
+/// Spawns the watch of the own lease; its events arrive on the returned receiver.
+fn watch_own(
+    store: &Arc<dyn SubnetStore>,
+    lease: &Lease,
+) -> (mpsc::Receiver<OwnLeaseEvent>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(8);
     let watched = lease.clone();
     let watch_store = store.clone();
-    let _watch = tokio::spawn(async move {
+    let handle = tokio::spawn(async move {
         if let Err(e) = watch_store.watch_own_lease(&watched, tx).await {
             tracing::error!("own lease watch stopped: {e}");
         }
     });
+    (rx, handle)
+}
+
+/// Renews the lease before it expires and watches it. A lease that vanishes (deleted or
+/// expired) is re-acquired in-process; returns only when that yields a different subnet (the
+/// data path must then be rebuilt by a restart).
+async fn keep_lease(
+    store: Arc<dyn SubnetStore>,
+    config: NetworkConfig,
+    mut lease: Lease,
+    margin: Duration,
+) -> Shutdown {
+    let (mut rx, mut watch) = watch_own(&store, &lease);
+    let mut failures = 0u32;
     let mut retry_at: Option<SystemTime> = None;
     loop {
         let due = retry_at.or_else(|| lease.expiration.map(|exp| exp - margin));
@@ -500,12 +562,18 @@ async fn keep_lease(store: Arc<dyn SubnetStore>, mut lease: Lease, margin: Durat
                 match store.renew_lease(&lease).await {
                     Ok(l) => {
                         tracing::info!("Lease renewed, new expiration: {:?}", l.expiration);
+                        crate::metrics::metrics().lease_renewed();
+                        crate::metrics::metrics().set_lease_expiry(l.expiration);
                         lease = l;
                         retry_at = None;
+                        failures = 0;
                     }
                     Err(e) => {
-                        tracing::error!("Error renewing lease (trying again in 1 min): {e}");
-                        retry_at = Some(SystemTime::now() + Duration::from_secs(60));
+                        crate::metrics::metrics().store_error();
+                        let delay = renew_retry_delay(failures);
+                        failures += 1;
+                        tracing::error!("Error renewing lease (trying again in {delay:?}): {e}");
+                        retry_at = Some(SystemTime::now() + delay);
                     }
                 }
             }
@@ -515,9 +583,41 @@ async fn keep_lease(store: Arc<dyn SubnetStore>, mut lease: Lease, margin: Durat
                         tracing::info!("Own lease was turned into a reservation; no more renewals");
                         lease.ttl_id = 0;
                         lease.expiration = None;
+                        crate::metrics::metrics().set_lease_expiry(None);
                     }
                 }
-                Some(OwnLeaseEvent::Revoked) | None => return Shutdown::LeaseRevoked,
+                Some(OwnLeaseEvent::Revoked) | None => {
+                    watch.abort();
+                    tracing::warn!(
+                        "Lease {} has been revoked (deleted or expired); re-acquiring it",
+                        lease.key
+                    );
+                    let mut failures = 0u32;
+                    let fresh = loop {
+                        match store.reacquire_lease(&config, &lease).await {
+                            Ok(l) => break l,
+                            Err(e) => {
+                                crate::metrics::metrics().store_error();
+                                let delay = renew_retry_delay(failures);
+                                failures += 1;
+                                tracing::error!("Error re-acquiring the lease (trying again in {delay:?}): {e}");
+                                tokio::time::sleep(delay).await;
+                            }
+                        }
+                    };
+                    if fresh.key != lease.key {
+                        tracing::error!(
+                            "Re-acquired lease {} differs from the lost {}; restarting to rebuild the data path",
+                            fresh.key, lease.key
+                        );
+                        return Shutdown::LeaseRevoked;
+                    }
+                    tracing::info!("Lease {} re-acquired; data path unchanged", fresh.key);
+                    crate::metrics::metrics().set_lease_expiry(fresh.expiration);
+                    lease = fresh;
+                    retry_at = None;
+                    (rx, watch) = watch_own(&store, &lease);
+                }
             }
         }
     }

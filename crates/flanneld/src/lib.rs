@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod health;
 pub mod iface;
 pub mod lease;
+pub mod metrics;
 pub mod netlink;
 pub mod rules;
 pub mod store;

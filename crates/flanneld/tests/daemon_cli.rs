@@ -54,7 +54,7 @@ fn http_get(w: &EtcdHost, port: u16, path: &str) -> String {
         "bash",
         &[
             "-c",
-            &format!("exec 3<>/dev/tcp/127.0.0.1/{port}; printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3; cat <&3"),
+            &format!("exec 3<>/dev/tcp/127.0.0.1/{port}; printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' >&3; cat <&3"),
         ],
     );
     String::from_utf8_lossy(&out.stdout).into_owned()

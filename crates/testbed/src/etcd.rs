@@ -98,6 +98,18 @@ impl Etcd {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: it keeps its connections but answers
+    /// nothing while frozen.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: sending a signal to our own child has no memory-safety preconditions.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
     /// Starts the server again on the same data directory.
     pub fn restart(&mut self) {
         self.stop();

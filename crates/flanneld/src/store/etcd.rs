@@ -384,6 +384,18 @@ impl SubnetStore for EtcdStore {
         Ok(NetworkConfig::parse_and_check(&text)?)
     }
 
+    async fn reacquire_lease(
+        &self,
+        config: &NetworkConfig,
+        lost: &Lease,
+    ) -> Result<Lease, StoreError> {
+        if let Some(l) = self.create(&lost.key, &lost.attrs).await? {
+            return Ok(l);
+        }
+        tracing::warn!("subnet {} was taken by another host meanwhile", lost.key);
+        self.acquire_lease(config, &lost.attrs).await
+    }
+
     async fn acquire_lease(
         &self,
         config: &NetworkConfig,
@@ -488,6 +500,7 @@ impl SubnetStore for EtcdStore {
                     delay = Duration::from_millis(100);
                 }
                 Err(e) => {
+                    crate::metrics::metrics().store_error();
                     tracing::warn!("lease watch failed, retrying in {delay:?}: {e}");
                     self.reset_client().await;
                     tokio::time::sleep(delay).await;
@@ -510,6 +523,7 @@ impl SubnetStore for EtcdStore {
             match self.watch_own_once(lease, &tx).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
+                    crate::metrics::metrics().store_error();
                     tracing::warn!("own lease watch failed, retrying in {delay:?}: {e}");
                     self.reset_client().await;
                     tokio::time::sleep(delay).await;

@@ -85,6 +85,16 @@ pub trait SubnetStore: Send + Sync {
         Ok(None)
     }
 
+    /// Gets the lease back after it vanished while running (deleted or expired): the same
+    /// subnet when it is still free, else whatever [`SubnetStore::acquire_lease`] finds.
+    async fn reacquire_lease(
+        &self,
+        config: &NetworkConfig,
+        lost: &Lease,
+    ) -> Result<Lease, StoreError> {
+        self.acquire_lease(config, &lost.attrs).await
+    }
+
     /// Capacity of the lease-update queue between the store and the backend.
     fn event_queue_depth(&self) -> usize {
         16

@@ -43,7 +43,7 @@ pub struct KubeSettings {
     pub set_node_network_unavailable: bool,
 }
 
-/// Exponential backoff 1 s .. 30 s, so failures are neither retried in a tight loop nor logged
+/// Exponential backoff 1 s .. 8 s, so failures are neither retried in a tight loop nor logged
 /// more than once per step.
 pub(crate) struct Backoff {
     next: Duration,
@@ -51,7 +51,7 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     const FIRST: Duration = Duration::from_secs(1);
-    const MAX: Duration = Duration::from_secs(30);
+    const MAX: Duration = Duration::from_secs(8);
 
     pub(crate) fn new() -> Self {
         Backoff { next: Self::FIRST }
@@ -145,6 +145,7 @@ impl KubeStore {
                 }
                 Err(e) => {
                     let wait = backoff.step();
+                    crate::metrics::metrics().store_error();
                     tracing::error!(
                         "failed to get node {:?} from the Kubernetes API: {} (retrying in {wait:?})",
                         self.node_name,
@@ -174,6 +175,7 @@ impl KubeStore {
                 }
                 Err(e) => {
                     let wait = backoff.step();
+                    crate::metrics::metrics().store_error();
                     tracing::error!(
                         "failed to patch node {:?} ({what}): {} (retrying in {wait:?})",
                         self.node_name,
@@ -260,6 +262,7 @@ async fn resolve_node_name(client: &kube::Client) -> Result<String, StoreError> 
             }
             Err(e) => {
                 let wait = backoff.step();
+                crate::metrics::metrics().store_error();
                 tracing::error!(
                     "failed to get pod {ns}/{pod} to learn the node name: {} (retrying in {wait:?})",
                     client::explain(&e)

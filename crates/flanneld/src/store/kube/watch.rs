@@ -156,6 +156,7 @@ pub(super) async fn run(
             Ok(x) => x,
             Err(e) => {
                 let wait = backoff.step();
+                crate::metrics::metrics().store_error();
                 tracing::error!(
                     "failed to list nodes: {} (retrying in {wait:?})",
                     explain(&e)
@@ -209,6 +210,7 @@ async fn watch_once(
         Ok(s) => s,
         Err(e) if status_code(&e) == Some(410) => return WatchEnd::Relist,
         Err(e) => {
+            crate::metrics::metrics().store_error();
             tracing::error!("failed to watch nodes: {}", explain(&e));
             return WatchEnd::Rewatch {
                 failed: true,
@@ -255,6 +257,7 @@ async fn watch_once(
                     break;
                 }
                 Ok(WatchEvent::Error(s)) => {
+                    crate::metrics::metrics().store_error();
                     tracing::error!("node watch error: {} {}: {}", s.code, s.reason, s.message);
                     end = Some(WatchEnd::Rewatch {
                         failed: true,
@@ -267,6 +270,7 @@ async fn watch_once(
                     break;
                 }
                 Err(e) => {
+                    crate::metrics::metrics().store_error();
                     tracing::error!("node watch failed: {}", explain(&e));
                     end = Some(WatchEnd::Rewatch {
                         failed: true,
