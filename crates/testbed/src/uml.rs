@@ -182,7 +182,7 @@ pub fn run_command_in_guest(argv: &[String], timeout: Duration) -> GuestRun {
 
 /// The guest's payload: this process's environment, `FRS_IN_GUEST=1`, the working directory and
 /// the command, as one `sh` script.
-fn write_payload(path: &PathBuf, argv: &[String]) {
+fn write_payload(path: &Path, argv: &[String]) {
     let mut s = String::new();
     for (k, v) in std::env::vars() {
         let valid = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
