@@ -16,6 +16,7 @@ pub mod podman;
 pub mod qemu;
 pub mod tls;
 pub mod wggo;
+pub mod uml;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -5,7 +5,9 @@
 
 pub mod alloc;
 pub mod engine;
+pub mod extension;
 pub mod hostgw;
+pub mod ipip;
 pub mod udp;
 pub mod vxlan;
 pub mod wireguard;
@@ -103,7 +105,9 @@ pub type Constructor = fn(&BackendContext) -> Result<Box<dyn Backend>, BackendEr
 pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
     match backend_type {
         "alloc" => Ok(alloc::AllocBackend::create),
+        "extension" => Ok(extension::ExtensionBackend::create),
         "host-gw" => Ok(hostgw::HostGwBackend::create),
+        "ipip" => Ok(ipip::IpipBackend::create),
         "udp" => Ok(udp::UdpBackend::create),
         "vxlan" => Ok(vxlan::VxlanBackend::create),
         "wireguard" => Ok(wireguard::WireguardBackend::create),

@@ -174,7 +174,7 @@ async fn ensure_device(nl: &Netlink, spec: &VxlanSpec) -> Result<LinkDetails, Ba
 
 /// Puts `<subnet network>/32` (`/128` for IPv6) on the device, removes other addresses of the
 /// flannel network from it, and sets it up; leaves an already-correct device untouched.
-async fn configure_device(
+pub(super) async fn configure_device(
     nl: &Netlink,
     index: u32,
     name: &str,

@@ -161,6 +161,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     testbed::require_root();
+    // `--uml ARGS`: the same benchmark inside a user-mode-linux guest (a kernel with ipip); the
+    // guest has one CPU, so only its ratios mean anything.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--uml") && !testbed::uml::in_guest() {
+        let mut cmd = vec![argv[0].clone()];
+        cmd.extend(argv[2..].iter().cloned());
+        let run = testbed::uml::run_command_in_guest(&cmd, Duration::from_secs(3600));
+        print!("{}", run.output);
+        eprintln!(
+            "uml guest: boot {:?}, total {:?}",
+            run.boot_time, run.total_time
+        );
+        std::process::exit(run.code.unwrap_or(1));
+    }
     let mut seconds = 5;
     let mut streams = 1;
     let mut rounds = 3;
@@ -173,8 +187,11 @@ fn main() {
             "--streams" => streams = num(),
             "--rounds" => rounds = num(),
             "--modes" => modes_arg = args.next().expect("--modes a,b,c"),
+            "--uml" => {}
             _ => {
-                eprintln!("usage: frs-bench [--seconds N] [--streams N] [--rounds N]");
+                eprintln!(
+                    "usage: frs-bench [--uml] [--seconds N] [--streams N] [--rounds N] [--modes a,b,..]"
+                );
                 std::process::exit(2);
             }
         }
