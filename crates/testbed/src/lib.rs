@@ -15,8 +15,8 @@ pub mod netns;
 pub mod podman;
 pub mod qemu;
 pub mod tls;
-pub mod wggo;
 pub mod uml;
+pub mod wggo;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
