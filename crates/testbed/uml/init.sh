@@ -3,7 +3,8 @@
 #
 # The kernel mounted the host's root through hostfs, where every write would land on the host's
 # disk. So: put an overlay over it (upper = tmpfs) and chroot into that, give the guest its own
-# proc/sys/dev/run/tmp, mount only the result directory from the host (hostfs, read-write), load
+# proc/sys/dev/run (/tmp stays the overlay's: writes stay in RAM, and the test binary may live
+# under the host's /tmp), mount only the result directory from the host (hostfs, read-write), load
 # the modules the tests need, switch iptables to the legacy backend, run the payload, pass its exit
 # code out through the result directory and power off. FRS_RESULT arrives as an environment
 # variable from the kernel command line.
@@ -29,7 +30,6 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
 ln -sf /proc/self/fd /dev/fd
 ln -sf /proc/self/fd/0 /dev/stdin
 ln -sf /proc/self/fd/1 /dev/stdout
