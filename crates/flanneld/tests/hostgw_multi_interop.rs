@@ -156,36 +156,7 @@ fn interop_with_a_host_configured_like_go_flannel() {
     // Host 3 is "Go flannel": device made with ip, lease in Go's exact JSON.
     let go = c.hosts[2].ns.clone();
     let go_mac = "0e:2a:01:02:03:04";
-    go.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        "192.168.100.13",
-        "dev",
-        "eth0",
-        "nolearning",
-        "dstport",
-        "8472",
-    ]);
-    go.ip(&[
-        "link",
-        "set",
-        "flannel.1",
-        "address",
-        go_mac,
-        "mtu",
-        "1450",
-        "up",
-    ]);
-    go.ip(&["addr", "add", "10.5.250.0/32", "dev", "flannel.1"]);
-    go.ip(&["link", "add", "cni0", "type", "bridge"]);
-    go.ip(&["addr", "add", "10.5.250.1/24", "dev", "cni0"]);
-    go.ip(&["link", "set", "cni0", "up"]);
+    testbed::golike::go_vxlan_device(&go, "192.168.100.13", go_mac, "10.5.250.0");
     c.etcd.put(
         &format!("{PREFIX}/subnets/10.5.250.0-24"),
         &format!(r#"{{"PublicIP":"192.168.100.13","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{go_mac}"}}}}"#),
@@ -196,43 +167,8 @@ fn interop_with_a_host_configured_like_go_flannel() {
         let key = format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"));
         let v: serde_json::Value = serde_json::from_str(&c.etcd.get(&key).unwrap()).unwrap();
         let mac = v["BackendData"]["VtepMAC"].as_str().unwrap();
-        let gw = subnet.trim_end_matches("/24");
         let public = v["PublicIP"].as_str().unwrap();
-        go.ip(&[
-            "neigh",
-            "replace",
-            gw,
-            "lladdr",
-            mac,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ]);
-        go.run(
-            "bridge",
-            &[
-                "fdb",
-                "replace",
-                mac,
-                "dev",
-                "flannel.1",
-                "dst",
-                public,
-                "self",
-                "permanent",
-            ],
-        );
-        go.ip(&[
-            "route",
-            "replace",
-            &subnet,
-            "via",
-            gw,
-            "dev",
-            "flannel.1",
-            "onlink",
-        ]);
+        testbed::golike::go_vxlan_peer(&go, &subnet, mac, public);
     }
     // Our pods reach the Go host's bridge address, and the Go host reaches our pods.
     c.wait_ping(p1, "10.5.250.1".parse().unwrap(), T);

@@ -307,40 +307,7 @@ fn interop_with_a_node_annotated_and_configured_like_go_flannel() {
     // Host 3 is "Go flannel": flannel.1 made with ip, annotations in Go's exact strings.
     let go = c.hosts[2].ns.clone();
     let go_mac = "0e:2a:01:02:03:05";
-    for args in [
-        vec![
-            "link",
-            "add",
-            "flannel.1",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "local",
-            "192.168.100.13",
-            "dev",
-            "eth0",
-            "nolearning",
-            "dstport",
-            "8472",
-        ],
-        vec![
-            "link",
-            "set",
-            "flannel.1",
-            "address",
-            go_mac,
-            "mtu",
-            "1450",
-            "up",
-        ],
-        vec!["addr", "add", "10.244.3.0/32", "dev", "flannel.1"],
-        vec!["link", "add", "cni0", "type", "bridge"],
-        vec!["addr", "add", "10.244.3.1/24", "dev", "cni0"],
-        vec!["link", "set", "cni0", "up"],
-    ] {
-        go.ip(&args);
-    }
+    testbed::golike::go_vxlan_device(&go, "192.168.100.13", go_mac, "10.244.3.0");
     create_go_node(&c, "h3", "10.244.3.0/24", go_mac, "192.168.100.13");
     // Go's entries towards our hosts, from our annotations.
     for i in 0..2 {
@@ -351,42 +318,8 @@ fn interop_with_a_node_annotated_and_configured_like_go_flannel() {
         .unwrap();
         let mac = data["VtepMAC"].as_str().unwrap().to_string();
         let public = ann(&c, &node, "public-ip").unwrap();
-        let gw = format!("10.244.{}.0", i + 1);
-        go.ip(&[
-            "neigh",
-            "replace",
-            &gw,
-            "lladdr",
-            &mac,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ]);
-        go.run(
-            "bridge",
-            &[
-                "fdb",
-                "replace",
-                &mac,
-                "dev",
-                "flannel.1",
-                "dst",
-                &public,
-                "self",
-                "permanent",
-            ],
-        );
-        go.ip(&[
-            "route",
-            "replace",
-            &format!("{gw}/24"),
-            "via",
-            &gw,
-            "dev",
-            "flannel.1",
-            "onlink",
-        ]);
+        let subnet = format!("10.244.{}.0/24", i + 1);
+        testbed::golike::go_vxlan_peer(&go, &subnet, &mac, &public);
     }
     c.wait_ping(p1, "10.244.3.1".parse().unwrap(), T);
     c.wait_ping(p2, "10.244.3.1".parse().unwrap(), T);

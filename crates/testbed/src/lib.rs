@@ -9,6 +9,7 @@ pub mod cni;
 pub mod etcd;
 pub mod fixture;
 pub mod flanneld;
+pub mod golike;
 pub mod kube_cluster;
 pub mod kubeapi;
 pub mod netns;

@@ -18,7 +18,8 @@ pub struct TlsFiles {
     pub client_key: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs the openssl CLI in `dir`, panicking with its error output on failure.
+pub(crate) fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .current_dir(dir)
         .args(args)
@@ -29,6 +30,32 @@ fn openssl(dir: &Path, args: &[&str]) {
         "openssl {} failed: {}",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Signs `<name>.csr` with the CA in `dir` (`ca.pem`, `ca-key.pem`) into `<name>.pem`, with the
+/// X.509 extensions `ext` (e.g. `subjectAltName=...`).
+pub(crate) fn sign_with_ca(dir: &Path, name: &str, ext: &str) {
+    std::fs::write(dir.join(format!("{name}.ext")), ext).expect("write ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &format!("{name}.pem"),
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
     );
 }
 
@@ -52,13 +79,13 @@ pub fn generate(dir: &Path) -> TlsFiles {
             "/CN=frs-test-ca",
         ],
     );
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .expect("write ext");
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("write ext");
-    for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
         openssl(
             dir,
             &[
@@ -74,26 +101,7 @@ pub fn generate(dir: &Path) -> TlsFiles {
                 &format!("/CN=frs-{name}"),
             ],
         );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &format!("{name}.pem"),
-                "-extfile",
-                ext,
-            ],
-        );
+        sign_with_ca(dir, name, ext);
     }
     TlsFiles {
         ca: dir.join("ca.pem"),

@@ -77,13 +77,7 @@ impl Netlink {
 
     /// Installs or replaces a route.
     pub async fn replace_route(&self, r: &RouteSpec) -> Result<(), NetlinkError> {
-        self.handle
-            .route()
-            .add(r.message()?)
-            .replace()
-            .execute()
-            .await
-            .map_err(wrap(format!("failed to replace route {r}")))
+        self.replace_route_message(r.message()?, r, "").await
     }
 
     /// Installs or replaces a device route with scope link (`<dst> dev <oif> scope link`, as
@@ -91,13 +85,22 @@ impl Netlink {
     pub async fn replace_link_route(&self, r: &RouteSpec) -> Result<(), NetlinkError> {
         let mut msg = r.message()?;
         msg.header.scope = RouteScope::Link;
+        self.replace_route_message(msg, r, " scope link").await
+    }
+
+    async fn replace_route_message(
+        &self,
+        msg: RouteMessage,
+        r: &RouteSpec,
+        what: &str,
+    ) -> Result<(), NetlinkError> {
         self.handle
             .route()
             .add(msg)
             .replace()
             .execute()
             .await
-            .map_err(wrap(format!("failed to replace route {r} scope link")))
+            .map_err(wrap(format!("failed to replace route {r}{what}")))
     }
 
     /// Removes a route; a route that is already gone is not an error.

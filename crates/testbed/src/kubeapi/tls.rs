@@ -2,9 +2,9 @@
 //! bind IP in its SAN, client certificates for the two users), the rustls server config, and the
 //! user name (CN) and groups (O) of a client certificate.
 
+use crate::tls::{openssl, sign_with_ca};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use tokio_rustls::rustls;
@@ -43,20 +43,6 @@ pub struct KubeTlsFiles {
     pub clients: Vec<(String, PathBuf, PathBuf)>,
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn ec_req(dir: &Path, name: &str, subj: &str) {
     openssl(
         dir,
@@ -73,30 +59,6 @@ fn ec_req(dir: &Path, name: &str, subj: &str) {
             &format!("{name}.csr"),
             "-subj",
             subj,
-        ],
-    );
-}
-
-fn sign(dir: &Path, name: &str, ext: &str) {
-    std::fs::write(dir.join(format!("{name}.ext")), ext).expect("write ext");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &format!("{name}.pem"),
-            "-extfile",
-            &format!("{name}.ext"),
         ],
     );
 }
@@ -140,7 +102,7 @@ pub(crate) fn material(tls: &KubeTls, ip: IpAddr) -> KubeTlsFiles {
         san.push_str(&format!(",IP:{ip}"));
     }
     ec_req(dir, "server", "/CN=kube-apiserver");
-    sign(
+    sign_with_ca(
         dir,
         "server",
         &format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
@@ -156,7 +118,7 @@ pub(crate) fn material(tls: &KubeTls, ip: IpAddr) -> KubeTlsFiles {
             None => format!("/CN={user}"),
         };
         ec_req(dir, file, &subj);
-        sign(dir, file, "extendedKeyUsage=clientAuth\n");
+        sign_with_ca(dir, file, "extendedKeyUsage=clientAuth\n");
         clients.push((
             user.to_string(),
             dir.join(format!("{file}.pem")),
