@@ -69,12 +69,23 @@ fn watchdog_kills_an_overrunning_guest_and_all_its_processes() {
     assert!(run.timed_out);
     assert_eq!(run.code, None);
     let marker = run.result_dir.display().to_string();
-    let survivors: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&marker))
-        .collect();
-    assert!(survivors.is_empty(), "{survivors:?}");
+    let survivors = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&marker))
+            .collect()
+    };
+    // SIGKILL is delivered asynchronously: every process must be gone within a few seconds.
+    let left = testbed::wait_for(
+        Duration::from_secs(5),
+        "linux.uml processes to be gone",
+        || {
+            let s = survivors();
+            s.is_empty().then_some(s)
+        },
+    );
+    assert!(left.is_empty(), "{left:?}");
 }
