@@ -246,7 +246,7 @@ fn guest_restart_loses_no_ping() {
         .collect();
     // Every ping sent up to the last second (the last few may still be in flight at SIGINT) was
     // answered, across both restarts.
-    assert!(sent >= 15, "{text}");
+    assert!(sent >= 10, "too few pings to judge: {text}");
     let lost: Vec<u32> = (1..=sent - 5).filter(|s| !answered.contains(s)).collect();
     assert!(lost.is_empty(), "lost pings {lost:?}\n{text}");
 }
