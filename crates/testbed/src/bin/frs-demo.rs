@@ -59,12 +59,7 @@ fn main() {
     );
     for (i, h) in c.hosts.iter().enumerate() {
         let value = c.etcd.get(&c.lease_key(i)).unwrap_or_default();
-        let rss = h
-            .flanneld
-            .as_ref()
-            .and_then(|f| f.rss_kib())
-            .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
-            .unwrap_or_default();
+        let rss = rss_text(h);
         println!(
             "{:<6} {:<16} {:<16} {:<6} {:<9} {}",
             format!("h{}", i + 1),
@@ -122,12 +117,7 @@ fn kube_demo(backend: &str, hosts: usize) {
     );
     println!("\n== subnet.env and flanneld memory per host");
     for (i, h) in c.hosts.iter().enumerate() {
-        let rss = h
-            .flanneld
-            .as_ref()
-            .and_then(|f| f.rss_kib())
-            .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
-            .unwrap_or_default();
+        let rss = rss_text(h);
         println!(
             "h{}  FLANNEL_SUBNET={}  FLANNEL_MTU={}  RSS {rss}",
             i + 1,
@@ -175,4 +165,13 @@ fn finish(c: Cluster, backend: &str) {
     if failures > 0 && backend != "alloc" {
         std::process::exit(1);
     }
+}
+
+/// The resident size of a host's flanneld, for the tables ("" when it is not running).
+fn rss_text(h: &testbed::cluster::ClusterHost) -> String {
+    h.flanneld
+        .as_ref()
+        .and_then(|f| f.rss_kib())
+        .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+        .unwrap_or_default()
 }
