@@ -4,6 +4,7 @@
 //! handles batches of lease events. Adding a backend = one module + one line in [`lookup`].
 
 pub mod alloc;
+pub mod cloud;
 pub mod engine;
 pub mod extension;
 pub mod hostgw;
