@@ -283,6 +283,13 @@ pub enum Command {
     Run(Box<Options>),
     /// Print usage to stderr and exit 0.
     Help,
+    /// `flanneld doctor [flags] [--json]`: compare the store, subnet.env and the kernel, read-only.
+    Doctor {
+        /// The daemon's flags (store, subnet file, masquerade...), to know what should be there.
+        opts: Box<Options>,
+        /// Print the findings as one JSON document.
+        json: bool,
+    },
 }
 
 /// A command-line or environment mistake; printed with the usage, exit status 2.
@@ -355,7 +362,22 @@ where
     I: IntoIterator<Item = S>,
     S: Into<String>,
 {
-    let args: Vec<String> = args.into_iter().map(Into::into).collect();
+    let mut args: Vec<String> = args.into_iter().map(Into::into).collect();
+    if args.first().map(String::as_str) == Some("doctor") {
+        args.remove(0);
+        let before = args.len();
+        args.retain(|a| a != "--json" && a != "-json" && a != "--json=true" && a != "-json=true");
+        let json = args.len() != before;
+        return match parse_flags(args, env)? {
+            Command::Run(opts) => Ok(Command::Doctor { opts, json }),
+            other => Ok(other),
+        };
+    }
+    parse_flags(args, env)
+}
+
+/// Parses flags (no subcommand), then the environment for unset ones.
+fn parse_flags(args: Vec<String>, env: &BTreeMap<String, String>) -> Result<Command, UsageError> {
     let mut opts = Options::default();
     let mut given: Vec<&'static str> = vec![];
     let mut i = 0;
@@ -427,7 +449,9 @@ where
 /// The usage text, in the reference's layout.
 pub fn usage(argv0: &str) -> String {
     let defaults = Options::default();
-    let mut out = format!("Usage: {argv0} [OPTION]...\n");
+    let mut out = format!(
+        "Usage: {argv0} [OPTION]...\n       {argv0} doctor [OPTION]... [--json]   (read-only diagnosis: store, subnet.env, kernel; exit 0 = consistent, 1 = drift)\n"
+    );
     for f in FLAGS {
         let default = match f.name {
             "etcd-endpoints" => format!("{:?}", defaults.etcd_endpoints),
@@ -464,7 +488,7 @@ mod tests {
     fn run(args: &[&str]) -> Options {
         match parse(args.iter().copied(), &BTreeMap::new()).unwrap() {
             Command::Run(o) => *o,
-            Command::Help => panic!("help"),
+            other => panic!("{other:?}"),
         }
     }
 

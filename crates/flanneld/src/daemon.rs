@@ -57,7 +57,7 @@ fn parse_opt<T: std::str::FromStr>(value: &str, flag: &str) -> anyhow::Result<Op
         .map_err(|_| anyhow::anyhow!("invalid {flag} value {value:?}"))
 }
 
-fn etcd_store(opts: &Options) -> EtcdStore {
+pub(crate) fn etcd_store(opts: &Options) -> EtcdStore {
     let subnet_file = PathBuf::from(&opts.subnet_file);
     let (prev4, prev6) = previous_subnets(&subnet_file);
     EtcdStore::new(
@@ -392,6 +392,30 @@ fn resync_period(opts: &Options) -> Duration {
 }
 
 /// Installs masquerade/forward rules and keeps them in place (re-applied when changed).
+/// The masquerade/forward rules flannel wants for a network and this host's subnet(s).
+pub(crate) fn rule_set(
+    opts: &Options,
+    random_fully: bool,
+    v4: Option<Ipv4Net>,
+    pod4: Option<Ipv4Net>,
+    v6: Option<Ipv6Net>,
+    pod6: Option<Ipv6Net>,
+) -> RuleSet {
+    RuleSet {
+        masq_v4: match (v4, pod4) {
+            (Some(cluster), Some(pod)) if opts.ip_masq => Some(Masq { cluster, pod }),
+            _ => None,
+        },
+        masq_v6: match (v6, pod6) {
+            (Some(cluster), Some(pod)) if opts.ip_masq => Some(Masq { cluster, pod }),
+            _ => None,
+        },
+        forward_v4: v4.filter(|_| opts.iptables_forward_rules),
+        forward_v6: v6.filter(|_| opts.iptables_forward_rules),
+        random_fully,
+    }
+}
+
 async fn setup_traffic_rules(
     opts: &Options,
     config: &NetworkConfig,
@@ -405,19 +429,7 @@ async fn setup_traffic_rules(
         && (config.enable_nftables || rules::iptables::supports_random_fully().await);
     let v4 = config.enable_ipv4.then_some(config.network).flatten();
     let v6 = config.enable_ipv6.then_some(config.ipv6_network).flatten();
-    let build = |v4: Option<Ipv4Net>, pod4: Option<Ipv4Net>, v6: Option<Ipv6Net>, pod6| RuleSet {
-        masq_v4: match (v4, pod4) {
-            (Some(cluster), Some(pod)) if opts.ip_masq => Some(Masq { cluster, pod }),
-            _ => None,
-        },
-        masq_v6: match (v6, pod6) {
-            (Some(cluster), Some(pod)) if opts.ip_masq => Some(Masq { cluster, pod }),
-            _ => None,
-        },
-        forward_v4: v4.filter(|_| opts.iptables_forward_rules),
-        forward_v6: v6.filter(|_| opts.iptables_forward_rules),
-        random_fully,
-    };
+    let build = |v4, pod4, v6, pod6| rule_set(opts, random_fully, v4, pod4, v6, pod6);
     let set = build(v4, Some(lease.key.ipv4), v6, lease.key.ipv6);
     // The rules of the previous run (from the old subnet.env) are removed if they differ.
     let previous =

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod cli;
 pub mod daemon;
+pub mod doctor;
 pub mod health;
 pub mod iface;
 pub mod lease;

@@ -8,7 +8,8 @@ use flanneld::daemon::{self, Shutdown};
 
 fn init_logging(verbosity: i64) {
     let level = match verbosity {
-        i64::MIN..=0 => "info",
+        i64::MIN..=-1 => "warn",
+        0 => "info",
         1..=4 => "debug",
         _ => "trace",
     };
@@ -34,6 +35,30 @@ fn tune_allocator() {
     }
 }
 
+/// `flanneld doctor`: 0 = consistent, 1 = drift, 2 = could not look.
+fn run_doctor(opts: &cli::Options, json: bool) -> ExitCode {
+    // Only warnings and errors: the report itself goes to stdout.
+    init_logging(-1_000);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("failed to start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(flanneld::doctor::run(opts, json)) {
+        Ok(flanneld::doctor::Verdict::Consistent) => ExitCode::SUCCESS,
+        Ok(flanneld::doctor::Verdict::Drift) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("flanneld doctor: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let mut args = std::env::args();
@@ -43,6 +68,7 @@ fn main() -> ExitCode {
         .collect();
     let opts = match cli::parse(args, &env) {
         Ok(Command::Run(o)) => *o,
+        Ok(Command::Doctor { opts, json }) => return run_doctor(&opts, json),
         Ok(Command::Help) => {
             eprint!("{}", cli::usage(&argv0));
             return ExitCode::SUCCESS;

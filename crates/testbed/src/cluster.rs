@@ -176,6 +176,19 @@ impl Cluster {
         env
     }
 
+    /// Runs `flanneld doctor` on host `i` with the flags its daemon gets (`extra` as given to
+    /// the daemon, plus e.g. `--json`); returns the exit code and stdout (stderr appended).
+    pub fn doctor(&self, i: usize, extra: &[&str]) -> (i32, String) {
+        let h = &self.hosts[i];
+        let mut args = vec![
+            "doctor".to_string(),
+            format!("--etcd-endpoints={}", self.etcd.url()),
+            format!("--subnet-file={}", h.subnet_file.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        run_doctor(&h.ns, &args, &[])
+    }
+
     /// Starts flanneld on every host.
     pub fn start_all(&mut self, extra: &[&str]) {
         for i in 0..self.hosts.len() {
@@ -318,4 +331,21 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Runs `flanneld <args>` (a doctor run) in `ns`; returns the exit code and stdout + stderr.
+pub fn run_doctor(ns: &NetNs, args: &[String], env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = ns.command(crate::binary("flanneld"));
+    cmd.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run flanneld doctor");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !err.is_empty() {
+        text.push_str("\n--- stderr ---\n");
+        text.push_str(&err);
+    }
+    (out.status.code().unwrap_or(-1), text)
 }

@@ -142,6 +142,15 @@ impl Cluster {
             .wait_subnet_env(&path, Duration::from_secs(60))
     }
 
+    /// Runs `flanneld doctor` in Kubernetes mode on host `i`, with the daemon's flags plus `extra`.
+    pub fn doctor_kube(&self, i: usize, extra: &[&str]) -> (i32, String) {
+        let mut args = vec!["doctor".to_string()];
+        args.extend(self.kube_args(i, KubeApiServer::FLANNEL_TOKEN));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let name = node_name(i);
+        crate::cluster::run_doctor(&self.hosts[i].ns, &args, &[("NODE_NAME", name.as_str())])
+    }
+
     /// Starts kube-mode flanneld on host `i` without waiting; `env` adds or overrides variables
     /// (`NODE_NAME` defaults to the host's node name; pass `("NODE_NAME", "")` to unset it).
     pub fn spawn_flanneld_kube(&self, i: usize, extra: &[&str], env: &[(&str, &str)]) -> Flanneld {

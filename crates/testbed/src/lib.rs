@@ -65,6 +65,20 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
     }
 }
 
+/// Polls `check` every 50 ms until it returns true or `timeout` passes; says which.
+pub fn poll_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The host's own subnet recorded in a subnet.env (`FLANNEL_SUBNET`, network form).
 pub fn env_subnet(path: &Path) -> ipnet::Ipv4Net {
     env_value(path, "FLANNEL_SUBNET")

@@ -144,7 +144,8 @@ impl Netlink {
                     ip: None,
                     mac: None,
                     dst: None,
-                    permanent: m.header.state == NeighbourState::Permanent,
+                    // NUD_PERMANENT may come with other state bits (e.g. NOARP).
+                    permanent: u16::from(m.header.state) & 0x80 != 0,
                 };
                 for a in &m.attributes {
                     match a {
@@ -177,6 +178,12 @@ fn neigh_addr(a: &NeighbourAddress) -> Option<IpAddr> {
     match a {
         NeighbourAddress::Inet(a) => Some(IpAddr::V4(*a)),
         NeighbourAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        // Bridge-family (FDB) entries carry the VXLAN remote as raw bytes.
+        NeighbourAddress::Other(b) => match b.len() {
+            4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            _ => None,
+        },
         _ => None,
     }
 }

@@ -20,7 +20,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::{mpsc, Mutex};
 
 use super::allocate::pick_free_subnet;
-use super::{OwnLeaseEvent, StoreError, SubnetStore};
+use super::{OwnLeaseEvent, StoreError, StoreInspection, SubnetStore};
 use crate::lease::{Lease, LeaseEvent, StoreUpdate};
 
 /// Lifetime of a lease in etcd (Go flannel's `subnetTTL`).
@@ -220,24 +220,25 @@ impl EtcdStore {
 
     /// Decodes one stored lease; `None` (with a warning) for anything malformed.
     fn decode(&self, kv: &KeyValue) -> Option<Lease> {
+        match self.decode_entry(kv) {
+            Ok(l) => Some(l),
+            Err((key, e)) => {
+                tracing::warn!("Ignoring bad subnet node {key}: {e}");
+                None
+            }
+        }
+    }
+
+    /// Decodes one stored lease, or says which key is bad and why.
+    fn decode_entry(&self, kv: &KeyValue) -> Result<Lease, (String, String)> {
         let key = String::from_utf8_lossy(kv.key());
         let name = key.strip_prefix(&self.subnets_prefix()).unwrap_or(&key);
-        let subnet: SubnetKey = match name.parse() {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::warn!("Ignoring bad subnet node {key}: {e}");
-                return None;
-            }
-        };
+        let subnet: SubnetKey = name
+            .parse()
+            .map_err(|e| (key.to_string(), format!("{e}")))?;
         let value = String::from_utf8_lossy(kv.value());
-        let attrs = match LeaseAttrs::from_json(&value) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!("Ignoring bad subnet node {key}: {e}");
-                return None;
-            }
-        };
-        Some(Lease {
+        let attrs = LeaseAttrs::from_json(&value).map_err(|e| (key.to_string(), format!("{e}")))?;
+        Ok(Lease {
             key: subnet,
             attrs,
             expiration: None,
@@ -478,6 +479,23 @@ impl SubnetStore for EtcdStore {
     async fn lease_by_public_ip(&self, public_ip: Ipv4Addr) -> Result<Option<Lease>, StoreError> {
         let (leases, _) = self.list().await?;
         Ok(find_by_public_ip(&leases, public_ip).cloned())
+    }
+
+    async fn inspect(&self) -> Result<StoreInspection, StoreError> {
+        let prefix = self.subnets_prefix();
+        let resp = self
+            .call("failed to list subnet leases", |mut c| async move {
+                c.get(prefix, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        let mut out = StoreInspection::default();
+        for kv in resp.kvs() {
+            match self.decode_entry(kv) {
+                Ok(l) => out.leases.push(l),
+                Err(bad) => out.rejected.push(bad),
+            }
+        }
+        Ok(out)
     }
 
     async fn renew_lease(&self, lease: &Lease) -> Result<Lease, StoreError> {

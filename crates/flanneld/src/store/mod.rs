@@ -61,6 +61,17 @@ pub enum OwnLeaseEvent {
     Revoked,
 }
 
+/// What `flanneld doctor` reads from a store, without changing anything.
+#[derive(Debug, Default)]
+pub struct StoreInspection {
+    /// Every usable lease, this host's included.
+    pub leases: Vec<Lease>,
+    /// This host's lease, when the store itself can tell (kube: the own node's).
+    pub own: Option<Lease>,
+    /// Entries that are not usable leases: (key or node, why).
+    pub rejected: Vec<(String, String)>,
+}
+
 /// The seam between the daemon and where leases are stored.
 #[async_trait]
 pub trait SubnetStore: Send + Sync {
@@ -118,6 +129,9 @@ pub trait SubnetStore: Send + Sync {
     /// Streams every lease: a snapshot, then events; resyncs itself after errors. Returns when
     /// the receiver is dropped.
     async fn watch_leases(&self, tx: mpsc::Sender<StoreUpdate>) -> Result<(), StoreError>;
+
+    /// Reads every lease once, for diagnosis; writes nothing.
+    async fn inspect(&self) -> Result<StoreInspection, StoreError>;
 
     /// Streams changes to this host's own lease. Returns when the receiver is dropped.
     async fn watch_own_lease(

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, Mutex};
 
 use self::annotations::Annotations;
 use self::node::{Families, MiniNode, PodCidrError};
-use super::{OwnLeaseEvent, StoreError, SubnetStore};
+use super::{OwnLeaseEvent, StoreError, StoreInspection, SubnetStore};
 use crate::lease::{Lease, StoreUpdate};
 
 /// Default capacity of the event queue (`EVENT_QUEUE_DEPTH`).
@@ -389,6 +389,10 @@ impl SubnetStore for KubeStore {
         // The own lease cannot be revoked in kube mode (the reference does not watch it either).
         tx.closed().await;
         Ok(())
+    }
+
+    async fn inspect(&self) -> Result<StoreInspection, StoreError> {
+        watch::inspect(self).await
     }
 
     async fn complete_lease(&self, _lease: &Lease) -> Result<(), StoreError> {

@@ -16,7 +16,7 @@ use super::client::{self, explain, status_code};
 use super::node::{lease_from_node, MiniNode};
 use super::{Backoff, KubeStore};
 use crate::lease::{Lease, LeaseEvent, StoreUpdate};
-use crate::store::StoreError;
+use crate::store::{StoreError, StoreInspection};
 
 /// Nodes per list page.
 const PAGE: u32 = 500;
@@ -129,6 +129,30 @@ async fn list_all(store: &KubeStore) -> Result<(Vec<MiniNode>, String), kube::Er
             None => return Ok((nodes, rv)),
         }
     }
+}
+
+/// Every managed node's lease (the own node's too) and the nodes whose annotations are unusable.
+pub(super) async fn inspect(store: &KubeStore) -> Result<StoreInspection, StoreError> {
+    let (nodes, _) = list_all(store).await.map_err(|e| StoreError::Unavailable {
+        context: "failed to list nodes".into(),
+        source: explain(&e).into(),
+    })?;
+    let mut out = StoreInspection::default();
+    for n in &nodes {
+        match lease_from_node(n, &store.ann, store.families()) {
+            Ok(Some(l)) => {
+                if n.metadata.name == store.node_name {
+                    out.own = Some(l.clone());
+                }
+                out.leases.push(l);
+            }
+            Ok(None) => {}
+            Err(msg) => out
+                .rejected
+                .push((format!("node {}", n.metadata.name), msg)),
+        }
+    }
+    Ok(out)
 }
 
 enum WatchEnd {
