@@ -12,18 +12,11 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use testbed::bench::{arg, cpu_seconds, percentile, status_kib};
 use testbed::kubeapi::{kubelet_like_node, KubeApiServer};
 use testbed::{wait_for, Cluster};
 
 const P: &str = "flannel.alpha.coreos.com";
-
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Pod CIDR and announced address of synthetic node `i` (inside 10.0.0.0/8, off host 1's /24).
 fn node_addrs(i: usize) -> (String, Ipv4Addr) {
@@ -63,44 +56,12 @@ fn go_node(i: usize, prefix: &str) -> serde_json::Value {
     kubelet_like_node(&format!("{prefix}{i}"), &cidr, ip, &refs)
 }
 
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
-}
-
 fn route_count(c: &Cluster) -> usize {
     c.hosts[0]
         .ns
         .ip(&["-o", "route", "show", "dev", "flannel.1"])
         .lines()
         .count()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
 }
 
 fn main() {
@@ -139,6 +100,16 @@ fn main() {
     let startup = start.elapsed();
     let rss_peak = status_kib(pid, "VmHWM:");
     let rss_now = status_kib(pid, "VmRSS:");
+
+    // `flanneld doctor` against all of it (lists every Node, reads the kernel), 3 runs.
+    let mut doctor_ms = vec![];
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (code, out) = c.doctor_kube(0, &[]);
+        doctor_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(code, 0, "doctor disagrees:\n{out}");
+    }
+    doctor_ms.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
 
     // Kernel changes seen by `ip monitor`, timestamped on arrival.
     let mut monitor = c.hosts[0]
@@ -262,6 +233,11 @@ fn main() {
         "{:<58} {:>12}",
         "peak RSS at the end of the run",
         format!("{:.1} MiB", final_rss as f64 / 1024.0)
+    );
+    println!(
+        "{:<58} {:>12}",
+        "`flanneld doctor` wall time, median of 3 (exit 0)",
+        format!("{:.0} ms", percentile(&doctor_ms, 0.5))
     );
     println!(
         "{:<58} {:>12}",
