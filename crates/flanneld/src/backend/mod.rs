@@ -9,6 +9,7 @@ pub mod engine;
 pub mod extension;
 pub mod hostgw;
 pub mod ipip;
+pub mod tencentvpc;
 pub mod udp;
 pub mod vxlan;
 pub mod wireguard;
@@ -109,6 +110,7 @@ pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
         "extension" => Ok(extension::ExtensionBackend::create),
         "host-gw" => Ok(hostgw::HostGwBackend::create),
         "ipip" => Ok(ipip::IpipBackend::create),
+        "tencent-vpc" => Ok(tencentvpc::TencentVpcBackend::create),
         "udp" => Ok(udp::UdpBackend::create),
         "vxlan" => Ok(vxlan::VxlanBackend::create),
         "wireguard" => Ok(wireguard::WireguardBackend::create),
