@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod cloud;
 pub mod engine;
 pub mod extension;
+pub mod gce;
 pub mod hostgw;
 pub mod ipip;
 pub mod tencentvpc;
@@ -108,6 +109,7 @@ pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
     match backend_type {
         "alloc" => Ok(alloc::AllocBackend::create),
         "extension" => Ok(extension::ExtensionBackend::create),
+        "gce" => Ok(gce::GceBackend::create),
         "host-gw" => Ok(hostgw::HostGwBackend::create),
         "ipip" => Ok(ipip::IpipBackend::create),
         "tencent-vpc" => Ok(tencentvpc::TencentVpcBackend::create),
