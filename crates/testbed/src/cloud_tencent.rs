@@ -175,6 +175,7 @@ async fn handle(
             )
         })
         .collect();
+    let is_gce_metadata = parts.uri.path().starts_with("/computeMetadata/");
     let fr = FakeRequest {
         peer,
         port,
@@ -188,10 +189,14 @@ async fn handle(
     let (status, ctype, text) = tokio::task::spawn_blocking(move || handler(fr))
         .await
         .unwrap_or((500, "text/plain", "handler panicked".into()));
-    Response::builder()
+    let mut b = Response::builder()
         .status(status)
-        .header("content-type", ctype)
-        .body(Full::new(Bytes::from(text)))
+        .header("content-type", ctype);
+    if is_gce_metadata {
+        // Google's metadata server marks every answer; its client libraries check it.
+        b = b.header("metadata-flavor", "Google");
+    }
+    b.body(Full::new(Bytes::from(text)))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
