@@ -3,6 +3,7 @@
 //! A backend sets up its devices, acquires the lease with its own attributes, then only ever
 //! handles batches of lease events. Adding a backend = one module + one line in [`lookup`].
 
+pub mod alivpc;
 pub mod alloc;
 pub mod cloud;
 pub mod engine;
@@ -107,6 +108,7 @@ pub type Constructor = fn(&BackendContext) -> Result<Box<dyn Backend>, BackendEr
 /// The registry: backend type name -> constructor.
 pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
     match backend_type {
+        "ali-vpc" => Ok(alivpc::AliVpcBackend::create),
         "alloc" => Ok(alloc::AllocBackend::create),
         "extension" => Ok(extension::ExtensionBackend::create),
         "gce" => Ok(gce::GceBackend::create),
