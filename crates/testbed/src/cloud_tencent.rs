@@ -243,6 +243,7 @@ pub struct NetnsHosts {
 impl NetnsHosts {
     /// Makes `names` resolve to `ip` inside `ns` (plus the usual localhost lines).
     pub fn write(ns: &NetNs, ip: Ipv4Addr, names: &[&str]) -> Self {
+        remove_dead_runs_hosts();
         let dir = PathBuf::from(format!("/etc/netns/{}", ns.name()));
         std::fs::create_dir_all(&dir).expect("create /etc/netns/<ns>");
         let text = format!(
@@ -251,6 +252,26 @@ impl NetnsHosts {
         );
         std::fs::write(dir.join("hosts"), text).expect("write netns hosts");
         NetnsHosts { dir }
+    }
+}
+
+/// Removes `/etc/netns/frs-<pid>-...` directories of test runs whose process is gone (a
+/// killed run never reached its `Drop`).
+fn remove_dead_runs_hosts() {
+    let Ok(entries) = std::fs::read_dir("/etc/netns") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(&format!("{}-", crate::PREFIX))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 }
 

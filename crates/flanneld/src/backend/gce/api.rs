@@ -311,7 +311,7 @@ impl Compute {
                     message: format!("timeout waiting for operation to finish ({})", op.status),
                 });
             }
-            if rounds % 5 == 0 {
+            if rounds.is_multiple_of(5) {
                 tracing::info!(
                     "gce: {} operation status: {} waiting for completion...",
                     op.operation_type,
