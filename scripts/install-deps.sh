@@ -47,3 +47,14 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}" >/dev/null
 fi
+# The cloud-route backends' tests drive the fake clouds with the providers' own Python clients
+# (pinned; skipped when already importable).
+if ! python3 -c 'import tencentcloud.vpc.v20170312, googleapiclient.discovery' 2>/dev/null; then
+    command -v pip3 >/dev/null || { apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3-pip >/dev/null; }
+    python3 -m pip install -q --break-system-packages \
+        tencentcloud-sdk-python-common==3.1.195 tencentcloud-sdk-python-vpc==3.1.193 \
+        google-api-python-client==2.202.0 2>/dev/null \
+        || python3 -m pip install -q \
+            tencentcloud-sdk-python-common==3.1.195 tencentcloud-sdk-python-vpc==3.1.193 \
+            google-api-python-client==2.202.0
+fi

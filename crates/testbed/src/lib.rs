@@ -5,6 +5,8 @@
 //! here adds links, routes, addresses or rules to the root namespace.
 
 pub mod bench;
+pub mod cloud_gce;
+pub mod cloud_tencent;
 pub mod cluster;
 pub mod cni;
 pub mod etcd;

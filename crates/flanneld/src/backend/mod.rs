@@ -3,12 +3,15 @@
 //! A backend sets up its devices, acquires the lease with its own attributes, then only ever
 //! handles batches of lease events. Adding a backend = one module + one line in [`lookup`].
 
+pub mod alivpc;
 pub mod alloc;
 pub mod cloud;
 pub mod engine;
 pub mod extension;
+pub mod gce;
 pub mod hostgw;
 pub mod ipip;
+pub mod tencentvpc;
 pub mod udp;
 pub mod vxlan;
 pub mod wireguard;
@@ -105,10 +108,13 @@ pub type Constructor = fn(&BackendContext) -> Result<Box<dyn Backend>, BackendEr
 /// The registry: backend type name -> constructor.
 pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
     match backend_type {
+        "ali-vpc" => Ok(alivpc::AliVpcBackend::create),
         "alloc" => Ok(alloc::AllocBackend::create),
         "extension" => Ok(extension::ExtensionBackend::create),
+        "gce" => Ok(gce::GceBackend::create),
         "host-gw" => Ok(hostgw::HostGwBackend::create),
         "ipip" => Ok(ipip::IpipBackend::create),
+        "tencent-vpc" => Ok(tencentvpc::TencentVpcBackend::create),
         "udp" => Ok(udp::UdpBackend::create),
         "vxlan" => Ok(vxlan::VxlanBackend::create),
         "wireguard" => Ok(wireguard::WireguardBackend::create),

@@ -77,6 +77,8 @@ impl CloudError {
                     || code.contains("Throttl")
                     || code.contains("RequestLimitExceeded")
                     || code.contains("RateLimit")
+                    || code == "InternalError"
+                    || code.starts_with("InternalError.")
             }
             CloudError::Invalid { .. } | CloudError::Config(_) => false,
         }
