@@ -1,47 +1,13 @@
 //! Fault tolerance with a real etcd and real traffic: etcd killed or frozen for 40 s, the own
 //! lease deleted while running, start-up while etcd is down, an unwritable subnet file.
 
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use testbed::cluster::Pinger;
 use testbed::{wait_for, Cluster};
 
 const T: Duration = Duration::from_secs(30);
 const OUTAGE: Duration = Duration::from_secs(40);
-
-/// A background ping (5 per second) from a pod; `finish` returns (sent, received).
-struct Pinger(Child);
-
-impl Pinger {
-    fn start(c: &Cluster, from: usize, to: std::net::Ipv4Addr, count: u32) -> Self {
-        let child = c.pods[from]
-            .ns
-            .command("ping")
-            .args([
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                "-c",
-                &count.to_string(),
-                &to.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("ping");
-        Pinger(child)
-    }
-
-    fn finish(self) -> String {
-        let out = self.0.wait_with_output().expect("ping output");
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find(|l| l.contains("packets transmitted"))
-            .unwrap_or("")
-            .to_string()
-    }
-}
 
 fn health(c: &Cluster, host: usize) -> bool {
     c.hosts[host]
@@ -73,7 +39,7 @@ fn outage(frozen: bool) {
     // Start the outage 25 s after start, so the renewal (due at 60 s) falls inside it.
     let outage_start = started + Duration::from_secs(25);
     std::thread::sleep(outage_start.saturating_duration_since(Instant::now()));
-    let pinger = Pinger::start(&c, a, c.pods[b].ip, (OUTAGE.as_secs() * 5) as u32);
+    let pinger = Pinger::start(&c, a, c.pods[b].ip, Some((OUTAGE.as_secs() * 5) as u32));
     let log_lines = |c: &mut Cluster| c.flanneld(0).log().lines().count();
     let before = log_lines(&mut c);
     if frozen {
@@ -148,7 +114,7 @@ fn own_lease_deleted_is_reacquired_without_a_gap() {
     c.wait_full_mesh(T);
     let key = c.lease_key(1);
     let value = c.etcd.get(&key).unwrap();
-    let pinger = Pinger::start(&c, a, c.pods[b].ip, 25);
+    let pinger = Pinger::start(&c, a, c.pods[b].ip, Some(25));
     std::thread::sleep(Duration::from_millis(500));
     c.etcd.del(&key);
     c.flanneld(1).wait_log(
@@ -244,7 +210,7 @@ fn kube_api_server_gone_for_40s_loses_no_packet_and_recovers() {
     let a = c.add_pod(0);
     let b = c.add_pod(1);
     c.wait_full_mesh(T);
-    let pinger = Pinger::start(&c, a, c.pods[b].ip, (OUTAGE.as_secs() * 5) as u32);
+    let pinger = Pinger::start(&c, a, c.pods[b].ip, Some((OUTAGE.as_secs() * 5) as u32));
     let before = c.flanneld(0).log().lines().count();
     c.kube().set_down(true);
     let t0 = Instant::now();

@@ -333,6 +333,55 @@ impl Cluster {
     }
 }
 
+/// A background ping (5 per second) from a pod, for measuring loss while things change.
+pub struct Pinger(std::process::Child);
+
+impl Pinger {
+    /// Starts `ping -i 0.2` from pod `from` to `to`; `count` pings, or until [`Pinger::finish`].
+    pub fn start(c: &Cluster, from: usize, to: Ipv4Addr, count: Option<u32>) -> Self {
+        let mut cmd = c.pods[from].ns.command("ping");
+        cmd.args(["-i", "0.2", "-W", "1"]);
+        if let Some(n) = count {
+            cmd.args(["-c", &n.to_string()]);
+        }
+        let child = cmd
+            .arg(to.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ping");
+        Pinger(child)
+    }
+
+    /// Stops the ping if it still runs (SIGINT, so it prints its summary) and returns the
+    /// summary line (`N packets transmitted, M received, ...`).
+    pub fn finish(mut self) -> String {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        }
+        let out = self.0.wait_with_output().expect("ping output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+/// (sent, received) from a ping summary line.
+pub fn ping_counts(summary: &str) -> (u64, u64) {
+    let num = |needle: &str| {
+        summary
+            .split(',')
+            .find(|p| p.contains(needle))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (num("transmitted"), num("received"))
+}
+
 /// Runs `flanneld <args>` (a doctor run) in `ns`; returns the exit code and stdout + stderr.
 pub fn run_doctor(ns: &NetNs, args: &[String], env: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = ns.command(crate::binary("flanneld"));

@@ -18,6 +18,7 @@ pub mod kubeapi;
 pub mod netns;
 pub mod podman;
 pub mod qemu;
+pub mod soak;
 pub mod tls;
 pub mod uml;
 pub mod wggo;
@@ -79,6 +80,21 @@ pub fn poll_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Ok` or `timeout` passes; then its last error.
+pub fn poll_until_ok(
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
     }
 }
 
