@@ -24,6 +24,9 @@ pub struct Metrics {
     store_errors: IntCounter,
     lease_renewals: IntCounter,
     lease_expiry: Gauge,
+    dp_packets: IntCounterVec,
+    dp_bytes: IntCounterVec,
+    dp_drops: IntCounterVec,
     /// Unix time the own lease expires (0: unknown or never).
     expiry_unix: AtomicU64,
 }
@@ -63,6 +66,30 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "flanneld_lease_expiry_seconds",
         "Seconds until this host's lease expires (absent when it never expires).",
     )?;
+    let dp_packets = IntCounterVec::new(
+        Opts::new(
+            "flanneld_datapath_packets_total",
+            "Packets moved by a user-space data path (udp, user-space wireguard): out = read from the TUN device and sent, in = received and handed to the TUN device.",
+        ),
+        &["backend", "direction"],
+    )?;
+    let dp_bytes = IntCounterVec::new(
+        Opts::new(
+            "flanneld_datapath_bytes_total",
+            "Bytes of the datagrams a user-space data path sent (out) or received (in), encapsulation included.",
+        ),
+        &["backend", "direction"],
+    )?;
+    let dp_drops = IntCounterVec::new(
+        Opts::new(
+            "flanneld_datapath_dropped_packets_total",
+            "Packets a user-space data path dropped: no_peer (no lease routes the destination or the peer is unusable), send_error, tun_write_error.",
+        ),
+        &["backend", "reason"],
+    )?;
+    registry.register(Box::new(dp_packets.clone()))?;
+    registry.register(Box::new(dp_bytes.clone()))?;
+    registry.register(Box::new(dp_drops.clone()))?;
     registry.register(Box::new(build_info.clone()))?;
     registry.register(Box::new(leases.clone()))?;
     registry.register(Box::new(lease_events.clone()))?;
@@ -80,6 +107,9 @@ fn build() -> Result<Metrics, prometheus::Error> {
         store_errors,
         lease_renewals,
         lease_expiry,
+        dp_packets,
+        dp_bytes,
+        dp_drops,
         expiry_unix: AtomicU64::new(0),
     })
 }
@@ -90,7 +120,43 @@ pub fn metrics() -> &'static Metrics {
     M.get_or_init(|| build().expect("static metric definitions are valid"))
 }
 
+/// The counters of one user-space data path, resolved once so that a worker only does an
+/// atomic add per batch.
+#[derive(Clone)]
+pub struct DatapathCounters {
+    /// Packets sent.
+    pub packets_out: IntCounter,
+    /// Packets received.
+    pub packets_in: IntCounter,
+    /// Bytes sent.
+    pub bytes_out: IntCounter,
+    /// Bytes received.
+    pub bytes_in: IntCounter,
+    /// Dropped: nothing routes the destination.
+    pub drop_no_peer: IntCounter,
+    /// Dropped: the UDP send failed.
+    pub drop_send: IntCounter,
+    /// Dropped: the TUN write failed.
+    pub drop_tun: IntCounter,
+}
+
 impl Metrics {
+    /// The data-path counters of `backend` (the families appear in `/metrics` from now on).
+    pub fn datapath(&self, backend: &str) -> DatapathCounters {
+        let p = |d| self.dp_packets.with_label_values(&[backend, d]);
+        let b = |d| self.dp_bytes.with_label_values(&[backend, d]);
+        let x = |r| self.dp_drops.with_label_values(&[backend, r]);
+        DatapathCounters {
+            packets_out: p("out"),
+            packets_in: p("in"),
+            bytes_out: b("out"),
+            bytes_in: b("in"),
+            drop_no_peer: x("no_peer"),
+            drop_send: x("send_error"),
+            drop_tun: x("tun_write_error"),
+        }
+    }
+
     /// Records how many remote leases the backend has now.
     pub fn set_leases(&self, backend: &str, n: usize) {
         self.leases
@@ -177,6 +243,24 @@ mod tests {
         );
         assert!(
             text.contains("flanneld_lease_events_total{type=\"added\"}"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("flanneld_datapath"),
+            "no data path yet: {text}"
+        );
+        let dp = m.datapath("udp");
+        dp.packets_out.inc_by(3);
+        dp.drop_no_peer.inc();
+        let text = m.render();
+        assert!(
+            text.contains("flanneld_datapath_packets_total{backend=\"udp\",direction=\"out\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "flanneld_datapath_dropped_packets_total{backend=\"udp\",reason=\"no_peer\"} 1"
+            ),
             "{text}"
         );
     }

@@ -90,6 +90,76 @@ fn metrics_exposition_is_valid_and_counts_leases() {
     assert!(http_get(&c, 0, 18090, "/nope").starts_with("HTTP/1.1 404"));
 }
 
+/// The value of one sample line of an exposition (0 when absent).
+fn sample(body: &str, series: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn udp_data_path_counters_count_real_packets() {
+    let mut c = Cluster::new(2);
+    c.put_config(
+        None,
+        r#"{"Network":"10.33.0.0/16","Backend":{"Type":"udp"}}"#,
+    );
+    c.start_flanneld(0, &["--healthz-port=18091", "--healthz-ip=127.0.0.1"]);
+    c.start_flanneld(1, &[]);
+    let a = c.add_pod(0);
+    let b = c.add_pod(1);
+    c.wait_ping(a, c.pods[b].ip, T);
+    let scrape = || {
+        let r = http_get(&c, 0, 18091, "/metrics");
+        r.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    };
+    let out = r#"flanneld_datapath_packets_total{backend="udp",direction="out"}"#;
+    let inn = r#"flanneld_datapath_packets_total{backend="udp",direction="in"}"#;
+    let before = scrape();
+    let pinged = c.pods[a].ns.run(
+        "ping",
+        &[
+            "-c",
+            "20",
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            &c.pods[b].ip.to_string(),
+        ],
+    );
+    assert!(pinged.contains("20 received"), "{pinged}");
+    // A destination inside the network that no lease holds is dropped and counted.
+    let _ = c.pods[a]
+        .ns
+        .exec("ping", &["-c", "3", "-i", "0.01", "-W", "1", "10.33.250.9"]);
+    let after = scrape();
+    assert!(sample(&after, out) >= sample(&before, out) + 20, "{after}");
+    assert!(sample(&after, inn) >= sample(&before, inn) + 20, "{after}");
+    assert!(
+        sample(
+            &after,
+            r#"flanneld_datapath_bytes_total{backend="udp",direction="out"}"#
+        ) >= sample(
+            &before,
+            r#"flanneld_datapath_bytes_total{backend="udp",direction="out"}"#
+        ) + 20 * 84,
+        "{after}"
+    );
+    let no_peer = r#"flanneld_datapath_dropped_packets_total{backend="udp",reason="no_peer"}"#;
+    assert!(
+        sample(&after, no_peer) >= sample(&before, no_peer) + 3,
+        "{after}"
+    );
+    assert!(
+        after.contains("# HELP flanneld_datapath_packets_total "),
+        "{after}"
+    );
+}
+
 #[test]
 fn systemd_is_notified_once_subnet_env_is_written() {
     let mut c = Cluster::new(1);

@@ -95,6 +95,8 @@ pub trait Codec: Send + Sync + 'static {
     type Local: Send + 'static;
     /// Bytes an encoded datagram may need beyond the packet (0: packets are sent in place).
     const ROOM: usize;
+    /// The backend's name, for the data-path metrics.
+    const NAME: &'static str;
     /// Fresh per-worker state.
     fn local(&self) -> Self::Local;
     /// Decides, for a batch of packets read from the TUN (`pkts[i][..sizes[i]]`), what to send
@@ -285,6 +287,7 @@ struct Worker<C: Codec> {
     rx_out: Vec<Vec<u8>>,
     scratch: Vec<u8>,
     gro_table: GROTable,
+    counters: crate::metrics::DatapathCounters,
 }
 
 impl<C: Codec> Worker<C> {
@@ -328,6 +331,7 @@ impl<C: Codec> Worker<C> {
                 .collect(),
             scratch: vec![0u8; 65_535 + 256],
             gro_table: GROTable::new(),
+            counters: crate::metrics::metrics().datapath(C::NAME),
         }
     }
 
@@ -413,6 +417,13 @@ impl<C: Codec> Worker<C> {
                 &mut reply,
             );
         }
+        let dropped = self.verdicts[..n]
+            .iter()
+            .filter(|v| matches!(v, Tx::Drop))
+            .count();
+        if dropped > 0 {
+            self.counters.drop_no_peer.inc_by(dropped as u64);
+        }
         let datagram = |i: usize| -> Option<(SocketAddrV4, &[u8])> {
             match self.verdicts[i] {
                 Tx::Drop => None,
@@ -422,12 +433,20 @@ impl<C: Codec> Worker<C> {
         };
         if self.mode == Mode::Simple {
             if let Some((peer, data)) = datagram(0) {
-                if let Err(e) = self.sock.send_to(data, peer) {
-                    tracing::debug!("send to {peer}: {e}");
+                match self.sock.send_to(data, peer) {
+                    Ok(_) => {
+                        self.counters.packets_out.inc();
+                        self.counters.bytes_out.inc_by(data.len() as u64);
+                    }
+                    Err(e) => {
+                        self.counters.drop_send.inc();
+                        tracing::debug!("send to {peer}: {e}");
+                    }
                 }
             }
             return n;
         }
+        let (mut sent, mut sent_bytes) = (0u64, 0u64);
         // Group consecutive equal-size datagrams to one peer into one UDP_SEGMENT send.
         let gso = self.run.gso;
         let mut segs: [&[u8]; MAX_GSO_SEGMENTS] = [&[]; MAX_GSO_SEGMENTS];
@@ -455,10 +474,19 @@ impl<C: Codec> Worker<C> {
                 }
             }
             self.out.push(peer, &segs[..nseg]);
+            sent += nseg as u64;
+            sent_bytes += bytes as u64;
             i = j;
         }
-        if let Err(e) = self.out.flush(&self.sock) {
-            tracing::debug!("sendmmsg: {e}");
+        match self.out.flush(&self.sock) {
+            Ok(_) => {
+                self.counters.packets_out.inc_by(sent);
+                self.counters.bytes_out.inc_by(sent_bytes);
+            }
+            Err(e) => {
+                self.counters.drop_send.inc_by(sent);
+                tracing::debug!("sendmmsg: {e}");
+            }
         }
         n
     }
@@ -485,9 +513,11 @@ impl<C: Codec> Worker<C> {
             scratch,
             gro_table,
             tmp,
+            counters,
             ..
         } = self;
         let mut datagrams = 0;
+        let mut bytes = 0u64;
         let mut k = 0;
         for m in 0..n {
             let seg = rx.seg[m].max(1);
@@ -495,16 +525,18 @@ impl<C: Codec> Worker<C> {
             let data = rx.buf(m);
             for chunk in data.chunks_mut(seg) {
                 datagrams += 1;
+                bytes += chunk.len() as u64;
                 let mut emit = |e: Emit<'_>| match e {
                     Emit::Tun(pkt) => {
                         if !offload {
                             if let Err(e) = dev.send(pkt) {
+                                counters.drop_tun.inc();
                                 tracing::debug!("TUN write: {e}");
                             }
                             return;
                         }
                         if k == rx_out.len() {
-                            Self::flush_tun(dev, gro_table, &mut rx_out[..k]);
+                            Self::flush_tun(dev, gro_table, &mut rx_out[..k], counters);
                             k = 0;
                         }
                         let b = &mut rx_out[k];
@@ -524,14 +556,22 @@ impl<C: Codec> Worker<C> {
         }
         let _ = tmp;
         if offload && k > 0 {
-            Self::flush_tun(dev, gro_table, &mut rx_out[..k]);
+            Self::flush_tun(dev, gro_table, &mut rx_out[..k], counters);
         }
+        counters.packets_in.inc_by(datagrams as u64);
+        counters.bytes_in.inc_by(bytes);
         datagrams
     }
 
     /// Coalesces (GRO) and writes received packets to the TUN.
-    fn flush_tun(dev: &SyncDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {
+    fn flush_tun(
+        dev: &SyncDevice,
+        gro: &mut GROTable,
+        bufs: &mut [Vec<u8>],
+        counters: &crate::metrics::DatapathCounters,
+    ) {
         if let Err(e) = dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
+            counters.drop_tun.inc_by(bufs.len() as u64);
             tracing::debug!("TUN write: {e}");
         }
     }

@@ -20,6 +20,7 @@ impl Codec for UdpCodec {
     /// The ICMP reply buffer.
     type Local = Vec<u8>;
     const ROOM: usize = 0;
+    const NAME: &'static str = "udp";
 
     fn local(&self) -> Vec<u8> {
         vec![0u8; 256]

@@ -354,6 +354,7 @@ impl Codec for WgCodec {
     type Local = ();
     /// Message header (16) + tag (16) + padding to 16 bytes.
     const ROOM: usize = 48;
+    const NAME: &'static str = "wireguard";
 
     fn local(&self) {}
 
