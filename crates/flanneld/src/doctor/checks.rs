@@ -210,11 +210,23 @@ pub fn diagnose(inp: &Inputs<'_>) -> Diagnosis {
     }
 
     // Which lease is ours.
+    // Which lease is ours: the store says, else subnet.env's, else (no subnet.env) the only one
+    // announcing an address of this host.
     let own: Option<&Lease> = inp
         .store
         .own
         .as_ref()
-        .or_else(|| env_subnet.and_then(|s| inp.store.leases.iter().find(|l| l.key.ipv4 == s)));
+        .or_else(|| env_subnet.and_then(|s| inp.store.leases.iter().find(|l| l.key.ipv4 == s)))
+        .or_else(|| {
+            let mut local = inp.store.leases.iter().filter(|l| {
+                Some(l.attrs.public_ip) == inp.public_ip
+                    || inp.kernel.is_local(IpAddr::V4(l.attrs.public_ip))
+            });
+            match (local.next(), local.next()) {
+                (Some(l), None) if env_subnet.is_none() => Some(l),
+                _ => None,
+            }
+        });
     match (own, env_subnet) {
         (None, Some(s)) => out.push(finding(
             "own-lease-missing",
@@ -670,4 +682,156 @@ fn describe_route(k: &KernelState, r: &Route) -> String {
         s.push_str(" onlink");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flannel_types::{LeaseAttrs, SubnetKey};
+    use netlink_packet_route::address::{AddressFlags, AddressScope};
+    use netlink_packet_route::route::RouteProtocol;
+
+    fn lease(subnet: &str, ip: &str, backend: &str) -> Lease {
+        let mut attrs = LeaseAttrs::public_only(ip.parse().unwrap());
+        attrs.backend_type = backend.into();
+        Lease {
+            key: SubnetKey::new(subnet.parse().unwrap(), None),
+            attrs,
+            expiration: None,
+            ttl_id: 0,
+        }
+    }
+
+    fn route(dst: &str, gw: Option<&str>, oif: u32) -> Route {
+        let n: IpNet = dst.parse().unwrap();
+        Route {
+            kind: RouteType::Unicast,
+            table: 254,
+            protocol: RouteProtocol::Boot,
+            onlink: false,
+            destination: Some(n.addr()),
+            prefix_len: n.prefix_len(),
+            gateway: gw.map(|g| g.parse().unwrap()),
+            oif: Some(oif),
+            pref_source: None,
+        }
+    }
+
+    fn kernel(routes: Vec<Route>) -> KernelState {
+        KernelState {
+            names: [(2, "eth0".to_string())].into(),
+            up: [(2, true)].into(),
+            addresses: vec![Address {
+                index: 2,
+                ip: "192.168.1.1".parse().unwrap(),
+                prefix_len: 24,
+                scope: AddressScope::Universe,
+                flags: AddressFlags::empty(),
+            }],
+            routes,
+            ..Default::default()
+        }
+    }
+
+    fn env(subnet: &str, mtu: u32) -> SubnetEnvState {
+        SubnetEnvState::Vars(
+            [
+                ("FLANNEL_NETWORK".to_string(), "10.9.0.0/16".to_string()),
+                ("FLANNEL_SUBNET".to_string(), subnet.to_string()),
+                ("FLANNEL_MTU".to_string(), mtu.to_string()),
+                ("FLANNEL_IPMASQ".to_string(), "false".to_string()),
+            ]
+            .into(),
+        )
+    }
+
+    fn run(
+        config: &str,
+        leases: Vec<Lease>,
+        k: &KernelState,
+        e: &SubnetEnvState,
+    ) -> Vec<&'static str> {
+        let config = NetworkConfig::parse_and_check(config).unwrap();
+        let store = StoreInspection {
+            leases,
+            ..Default::default()
+        };
+        let d = diagnose(&Inputs {
+            config: &config,
+            store: &store,
+            subnet_env: e,
+            kernel: k,
+            rules: RulesState::NotWanted,
+            ip_masq: false,
+            blackhole_route: false,
+            public_ip: None,
+            kube: false,
+        });
+        d.findings.iter().map(|f| f.check).collect()
+    }
+
+    const HOSTGW: &str = r#"{"Network":"10.9.0.0/16","Backend":{"Type":"host-gw"}}"#;
+
+    #[test]
+    fn host_gw_agrees_then_reports_missing_and_extra_routes() {
+        let leases = vec![
+            lease("10.9.1.0/24", "192.168.1.1", "host-gw"),
+            lease("10.9.2.0/24", "192.168.1.2", "host-gw"),
+        ];
+        let e = env("10.9.1.1/24", 1500);
+        let good = kernel(vec![route("10.9.2.0/24", Some("192.168.1.2"), 2)]);
+        assert_eq!(run(HOSTGW, leases.clone(), &good, &e), Vec::<&str>::new());
+
+        let drift = kernel(vec![route("10.9.3.0/24", Some("192.168.1.3"), 2)]);
+        assert_eq!(
+            run(HOSTGW, leases, &drift, &e),
+            vec!["route-missing", "extra-route"]
+        );
+    }
+
+    #[test]
+    fn subnet_env_and_store_disagreements() {
+        let leases = vec![
+            lease("10.9.1.0/24", "192.168.1.1", "host-gw"),
+            lease("10.9.2.0/24", "192.168.1.1", "host-gw"),
+        ];
+        let k = kernel(vec![]);
+        // subnet.env names a subnet the store does not hold; two leases share a public IP.
+        let found = run(HOSTGW, leases, &k, &env("10.9.7.1/24", 1500));
+        assert!(found.contains(&"own-lease-missing"), "{found:?}");
+        assert!(found.contains(&"duplicate-public-ip"), "{found:?}");
+        let found = run(
+            HOSTGW,
+            vec![lease("10.9.1.0/24", "192.168.1.1", "host-gw")],
+            &k,
+            &SubnetEnvState::Unreadable("/run/flannel/subnet.env".into(), "No such file".into()),
+        );
+        assert_eq!(found, vec!["subnet-env-missing"]);
+    }
+
+    #[test]
+    fn udp_needs_its_device_and_network_route() {
+        let config = r#"{"Network":"10.9.0.0/16","Backend":{"Type":"udp"}}"#;
+        let leases = vec![
+            lease("10.9.1.0/24", "192.168.1.1", ""),
+            lease("10.9.2.0/24", "192.168.1.2", ""),
+        ];
+        let e = env("10.9.1.1/24", 1472);
+        assert_eq!(
+            run(config, leases.clone(), &kernel(vec![]), &e),
+            vec!["device-missing"]
+        );
+        let mut k = kernel(vec![route("10.9.0.0/16", None, 3)]);
+        k.devices.push(LinkDetails {
+            index: 3,
+            name: "flannel0".into(),
+            mtu: 1472,
+            kind: Some("tun".into()),
+            ..Default::default()
+        });
+        k.up.insert(3, true);
+        assert_eq!(run(config, leases.clone(), &k, &e), Vec::<&str>::new());
+        k.routes.clear();
+        assert_eq!(run(config, leases, &k, &e), vec!["route-missing"]);
+    }
 }
