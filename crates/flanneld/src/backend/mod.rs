@@ -8,6 +8,7 @@ pub mod engine;
 pub mod extension;
 pub mod hostgw;
 pub mod ipip;
+pub mod ipsec;
 pub mod udp;
 pub mod vxlan;
 pub mod wireguard;
@@ -108,6 +109,7 @@ pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
         "extension" => Ok(extension::ExtensionBackend::create),
         "host-gw" => Ok(hostgw::HostGwBackend::create),
         "ipip" => Ok(ipip::IpipBackend::create),
+        "ipsec" => Ok(ipsec::IpsecBackend::create),
         "udp" => Ok(udp::UdpBackend::create),
         "vxlan" => Ok(vxlan::VxlanBackend::create),
         "wireguard" => Ok(wireguard::WireguardBackend::create),
