@@ -84,8 +84,9 @@ pub struct Charon {
     socket: PathBuf,
     /// The charon we started (none when a running one is used).
     child: Option<Child>,
-    /// When the daemon we talk to started (`stats` `uptime.since`): a change means a restart.
-    since: Option<String>,
+    /// A connection held open to the daemon: it breaks exactly when that daemon goes, so a
+    /// restarted daemon (ours or someone's) is never mistaken for the one we configured.
+    monitor: Option<Client>,
 }
 
 impl Charon {
@@ -94,14 +95,14 @@ impl Charon {
         let mut c = Charon {
             socket: socket.to_path_buf(),
             child: None,
-            since: None,
+            monitor: None,
         };
-        if let Ok(since) = c.probe().await {
+        if let Ok((client, version)) = c.probe().await {
             tracing::info!(
-                "Using the charon daemon that answers on {} (up since {since})",
+                "Using the charon daemon that answers on {} ({version})",
                 socket.display()
             );
-            c.since = Some(since);
+            c.monitor = Some(client);
             return Ok(c);
         }
         c.spawn().await?;
@@ -123,8 +124,11 @@ impl Charon {
         self.child.as_ref().map(Child::id)
     }
 
-    async fn probe(&self) -> Result<String, ViciError> {
-        self.client().await?.started_at().await
+    /// A connection to the daemon that answered `version`, and that version.
+    async fn probe(&self) -> Result<(Client, String), ViciError> {
+        let mut c = self.client().await?;
+        let v = c.version().await?;
+        Ok((c, v))
     }
 
     /// Starts charon as our child (SIGTERM to it when flanneld dies, its output on ours) and
@@ -163,9 +167,9 @@ impl Charon {
                 });
             }
             match self.probe().await {
-                Ok(since) => {
-                    tracing::info!("charon answers on {}", self.socket.display());
-                    self.since = Some(since);
+                Ok((client, version)) => {
+                    tracing::info!("charon answers on {} ({version})", self.socket.display());
+                    self.monitor = Some(client);
                     return Ok(());
                 }
                 Err(e) if started.elapsed() > START_TIMEOUT => {
@@ -182,22 +186,45 @@ impl Charon {
 
     /// Makes sure a charon runs and tells whether it is a new one since the last call (then
     /// every key and connection must be loaded again): our charon exited -> started again; the
-    /// daemon answers with a new start time -> restarted by someone; a used (not ours) daemon no
-    /// longer answers -> ours is started.
+    /// held connection broke but the socket answers -> a daemon restarted by someone; a used
+    /// (not ours) daemon no longer answers -> ours is started.
     pub async fn ensure_running(&mut self) -> Result<bool, CharonError> {
-        if let Some(c) = self.child.as_mut() {
-            if let Ok(Some(status)) = c.try_wait() {
-                tracing::warn!("charon exited ({status}); restarting it");
-                self.child = None;
-                self.spawn().await?;
-                return Ok(true);
+        if let Some(m) = self.monitor.as_mut() {
+            match m.version().await {
+                Ok(_) => return Ok(false),
+                Err(e) => {
+                    tracing::warn!("lost the connection to charon: {e}");
+                    self.monitor = None;
+                }
+            }
+        }
+        // Ours is dying or dead: reap it (a killed process takes a moment) and start another.
+        if self.child.is_some() {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let exited = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    tracing::warn!("charon exited ({status}); restarting it");
+                    self.child = None;
+                    self.spawn().await?;
+                    return Ok(true);
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
         match self.probe().await {
-            Ok(since) if self.since.as_deref() == Some(since.as_str()) => Ok(false),
-            Ok(since) => {
-                tracing::warn!("charon was restarted (up since {since})");
-                self.since = Some(since);
+            Ok((client, version)) => {
+                tracing::warn!(
+                    "charon ({version}) answers again on {}",
+                    self.socket.display()
+                );
+                self.monitor = Some(client);
                 Ok(true)
             }
             Err(e) if self.child.is_none() => {

@@ -419,15 +419,6 @@ impl Client {
         ))
     }
 
-    /// `stats`: when the daemon started (`uptime.since`), which tells a restarted daemon apart.
-    pub async fn started_at(&mut self) -> Result<String, ViciError> {
-        let r = self.request("stats", &Section::new()).await?;
-        r.get_section("uptime")
-            .and_then(|u| u.get_str("since"))
-            .map(str::to_string)
-            .ok_or_else(|| ViciError::Decode("stats without uptime.since".into()))
-    }
-
     /// `load-shared`: an IKE pre-shared key `data` for `owners`, replacing the key with the same
     /// `id`.
     pub async fn load_shared(
