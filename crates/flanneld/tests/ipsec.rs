@@ -332,21 +332,57 @@ fn guest_udp_encap() {
 fn charon_pid(c: &mut Cluster, h: usize) -> i32 {
     let log = c.flanneld(h).log();
     log.lines()
+        .rev()
         .filter_map(|l| l.split("Charon daemon started (").nth(1))
-        .filter_map(|rest| rest.split("pid ").nth(1)?.split(')').next()?.parse().ok())
-        .last()
+        .find_map(|rest| rest.split("pid ").nth(1)?.split(')').next()?.parse().ok())
         .unwrap_or_else(|| panic!("no charon start in the log:\n{log}"))
 }
 
-/// charon is killed and the kernel's SAs flushed: flanneld starts a new charon, reloads the PSK
-/// and connections, new SAs are negotiated and the pods reach each other again.
+/// Better than the reference, on 2 hosts: a reqid-11 policy left by an earlier run is removed at
+/// start; charon is killed and the kernel's SAs flushed: flanneld starts a new charon, reloads
+/// the PSK and connections, new SAs are negotiated and the pods reach each other again; a policy
+/// deleted behind flanneld's back is put back.
 #[test]
 fn guest_charon_restart() {
     if !uml::in_guest() {
         return;
     }
-    let mut c = cluster(2, "");
+    let mut c = Cluster::new(2);
+    c.put_config(None, &ipsec_config(""));
+    let h1 = c.hosts[0].ns.clone();
+    let stale = "src 10.5.200.0/24 dst 10.5.201.0/24 dir out";
+    h1.ip(&[
+        "xfrm",
+        "policy",
+        "add",
+        "src",
+        "10.5.200.0/24",
+        "dst",
+        "10.5.201.0/24",
+        "dir",
+        "out",
+        "tmpl",
+        "src",
+        "192.168.100.11",
+        "dst",
+        "192.168.100.99",
+        "proto",
+        "esp",
+        "reqid",
+        "11",
+        "mode",
+        "tunnel",
+    ]);
+    for h in 0..2 {
+        start(&mut c, h);
+        c.add_pod(h);
+    }
     c.wait_full_mesh(T);
+    wait_for(T, "the stale policy to be removed", || {
+        (!reqid11_policies(&h1).iter().any(|p| p.contains(stale))).then_some(())
+    });
+    assert!(c.flanneld(0).log().contains("removed stale ipsec policy"));
+
     let old = charon_pid(&mut c, 0);
     // SAFETY: kill has no memory-safety preconditions.
     unsafe {
@@ -354,14 +390,21 @@ fn guest_charon_restart() {
     }
     // Without charon nothing renegotiates: with the SAs gone, traffic can only come back
     // through SAs the new charon negotiates.
-    c.hosts[0].ns.ip(&["xfrm", "state", "flush"]);
+    h1.ip(&["xfrm", "state", "flush"]);
     c.flanneld(0).wait_log("charon reloaded", T);
     let new = charon_pid(&mut c, 0);
     assert_ne!(old, new);
     assert!(c.flanneld(0).log().contains("charon exited"));
     c.wait_full_mesh(T);
-    let sas = c.hosts[0].ns.ip(&["xfrm", "state"]);
+    let sas = h1.ip(&["xfrm", "state"]);
     assert!(sas.contains("reqid 11 mode tunnel"), "{sas}");
     let conns = swanctl(&mut c, 0, &["--list-sas"]);
-    assert!(conns.contains("ESTABLISHED"), "{conns}");
+    assert!(conns.contains("ESTABLISHED, IKEv2"), "{conns}");
+
+    // Someone flushes the policies: they come back within a check period.
+    h1.ip(&["xfrm", "policy", "flush"]);
+    wait_for(T, "the policies to be put back", || {
+        (reqid11_policies(&h1).len() == 3).then_some(())
+    });
+    c.wait_full_mesh(T);
 }
