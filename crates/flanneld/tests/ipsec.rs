@@ -56,6 +56,13 @@ fn udp_encap_in_uml() {
 }
 
 #[test]
+fn go_configured_host_interop_in_uml() {
+    if !uml::in_guest() {
+        in_guest("guest_go_configured_host_interop");
+    }
+}
+
+#[test]
 fn charon_restart_in_uml() {
     if !uml::in_guest() {
         in_guest("guest_charon_restart");
@@ -407,4 +414,120 @@ fn guest_charon_restart() {
         (reqid11_policies(&h1).len() == 3).then_some(())
     });
     c.wait_full_mesh(T);
+}
+
+/// `swanctl` configuration of what Go flannel's ipsec backend loads over VICI on host `me`
+/// (`me_ip`, subnet `mine`) for each `(peer subnet, peer ip)`: the PSK for every owner, one
+/// connection per peer with Go's values. swanctl.conf cannot spell Go's names (`.` and `/` are
+/// not allowed in section names), so they are written with `_`: names never go on the wire.
+fn go_swanctl_conf(psk: &str, me_ip: &str, mine: &str, peers: &[(String, String)]) -> String {
+    let label = |s: String| s.replace(['.', '/'], "_");
+    let mut conf = String::from("connections {\n");
+    for (theirs, ip) in peers {
+        let conn = label(format!("{me_ip}-{mine}-{theirs}-{ip}"));
+        let child = label(format!("{mine}-{theirs}"));
+        conf.push_str(&format!(
+            "  {conn} {{\n    local_addrs = {me_ip}\n    remote_addrs = {ip}\n    \
+             proposals = aes256-sha256-modp4096\n    version = 2\n    encap = no\n    \
+             keyingtries = 0\n    local {{\n      auth = psk\n    }}\n    remote {{\n      auth = psk\n    }}\n    \
+             children {{\n      {child} {{\n        local_ts = {mine}\n        remote_ts = {theirs}\n        \
+             esp_proposals = aes128gcm16-sha256-prfsha256-ecp256\n        start_action = start\n        \
+             close_action = trap\n        dpd_action = restart\n        mode = tunnel\n        \
+             reqid = 11\n        rekey_time = 1h\n        policies = no\n      }}\n    }}\n  }}\n"
+        ));
+    }
+    conf.push_str("}\nsecrets {\n");
+    let owners = std::iter::once(me_ip).chain(peers.iter().map(|(_, ip)| ip.as_str()));
+    for (i, owner) in owners.enumerate() {
+        conf.push_str(&format!(
+            "  ike-{i} {{\n    id = {owner}\n    secret = \"{psk}\"\n  }}\n"
+        ));
+    }
+    conf.push_str("}\n");
+    conf
+}
+
+/// A host configured by hand exactly as Go flannel's ipsec backend configures one (its own
+/// charon with Go's connections and keys loaded through swanctl, the reqid-11 policies made
+/// with `ip xfrm`, the lease in Go's JSON, subnet.env) and flanneld hosts: pods reach each other
+/// both ways.
+#[test]
+fn guest_go_configured_host_interop() {
+    if !uml::in_guest() {
+        return;
+    }
+    let mut c = Cluster::new(3);
+    c.put_config(None, &ipsec_config(""));
+    for h in 0..2 {
+        start(&mut c, h);
+        c.add_pod(h);
+    }
+    // h3, "Go flannel": lease 10.5.77.0/24 in Go's JSON, charon + VICI config, policies.
+    let go_subnet = "10.5.77.0/24";
+    let go_ip = "192.168.100.13";
+    let h3 = c.hosts[2].ns.clone();
+    let mut cmd = h3.command("unshare");
+    cmd.args([
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount -t tmpfs -o mode=755 tmpfs /run && exec /usr/lib/ipsec/charon",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut charon = h3.spawn(cmd);
+    let peers: Vec<(String, String)> = (0..2)
+        .map(|i| (c.subnet(i).to_string(), c.hosts[i].ip.to_string()))
+        .collect();
+    let psk = "flannel-rs-test-psk-".repeat(5);
+    let conf = c.dir.join("go-h3-swanctl.conf");
+    std::fs::write(&conf, go_swanctl_conf(&psk, go_ip, go_subnet, &peers)).unwrap();
+    let pid = charon.id().to_string();
+    let conf_arg = conf.to_string_lossy().into_owned();
+    wait_for(T, "the hand-made charon to take Go's configuration", || {
+        Command::new("nsenter")
+            .args(["-t", &pid, "-m", "-n", "--root", "--wd", "swanctl"])
+            .args(["--load-all", "--noprompt", "--file", &conf_arg])
+            .output()
+            .ok()
+            .filter(|o| {
+                // swanctl exits 0 even on a config it cannot parse: check what it loaded.
+                let out = String::from_utf8_lossy(&o.stdout);
+                o.status.success() && out.contains("successfully loaded 2 connections")
+            })
+            .map(|_| ())
+    });
+    for (theirs, ip) in &peers {
+        for (src, dst, dir, tsrc, tdst) in [
+            (go_subnet, theirs.as_str(), "out", go_ip, ip.as_str()),
+            (theirs, go_subnet, "in", ip, go_ip),
+            (theirs, go_subnet, "fwd", ip, go_ip),
+        ] {
+            h3.ip(&[
+                "xfrm", "policy", "add", "src", src, "dst", dst, "dir", dir, "tmpl", "src", tsrc,
+                "dst", tdst, "proto", "esp", "reqid", "11", "mode", "tunnel",
+            ]);
+        }
+    }
+    c.etcd.put(
+        "/coreos.com/network/subnets/10.5.77.0-24",
+        r#"{"PublicIP":"192.168.100.13","PublicIPv6":null,"BackendType":"ipsec"}"#,
+    );
+    let env = c.dir.join("go-h3-subnet.env");
+    std::fs::write(
+        &env,
+        "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.77.1/24\nFLANNEL_MTU=1423\nFLANNEL_IPMASQ=true\n",
+    )
+    .unwrap();
+    let go_pod = c.add_pod_on(2, &env, "cni0");
+    let go_pod_ip = c.pods[go_pod].ip;
+    for p in 0..2 {
+        c.wait_ping(p, go_pod_ip, T);
+        c.wait_ping(go_pod, c.pods[p].ip, T);
+    }
+    c.wait_ping(0, c.pods[1].ip, T);
+    let _ = charon.kill();
+    let _ = charon.wait();
 }
