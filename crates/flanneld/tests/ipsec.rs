@@ -63,6 +63,13 @@ fn go_configured_host_interop_in_uml() {
 }
 
 #[test]
+fn running_charon_in_uml() {
+    if !uml::in_guest() {
+        in_guest("guest_running_charon");
+    }
+}
+
+#[test]
 fn charon_restart_in_uml() {
     if !uml::in_guest() {
         in_guest("guest_charon_restart");
@@ -317,13 +324,14 @@ fn guest_three_hosts() {
     assert!(c.ping(0, c.pods[1].ip));
 }
 
-/// UDPEncap: ESP in UDP port 4500 on the wire (no bare ESP, no plain ICMP); MTU E − 85.
+/// UDPEncap: ESP in UDP port 4500 on the wire (no bare ESP, no plain ICMP); MTU E − 85; charon
+/// stopped with flanneld.
 #[test]
 fn guest_udp_encap() {
     if !uml::in_guest() {
         return;
     }
-    let c = cluster(2, r#","UDPEncap":true"#);
+    let mut c = cluster(2, r#","UDPEncap":true"#);
     c.wait_full_mesh(T);
     assert_eq!(c.env_var(0, "FLANNEL_MTU"), "1415");
     let lines = ping_all_capturing(&c, "UDP-encap: ESP(");
@@ -333,6 +341,14 @@ fn guest_udp_encap() {
         .count();
     let icmp = lines.iter().filter(|l| l.contains("ICMP")).count();
     assert_eq!((bare_esp, icmp), (0, 0), "{lines:#?}");
+
+    // flanneld stopped (SIGTERM): it stops its charon too (as the reference), and exits 0.
+    let pid = charon_pid(&mut c, 0);
+    assert!(c.flanneld(0).stop().success());
+    let proc_dir = format!("/proc/{pid}");
+    wait_for(Duration::from_secs(10), "charon to be gone", || {
+        (!std::path::Path::new(&proc_dir).exists()).then_some(())
+    });
 }
 
 /// The pid of the charon that host `h`'s flanneld started last (from its log).
@@ -530,4 +546,48 @@ fn guest_go_configured_host_interop() {
     c.wait_ping(0, c.pods[1].ip, T);
     let _ = charon.kill();
     let _ = charon.wait();
+}
+
+/// A charon that already answers on /var/run/charon.vici is used, not a second one started; when
+/// it dies, flanneld starts its own and loads everything into it. (h1 uses the guest's /run: the
+/// guest is a machine of its own.)
+#[test]
+fn guest_running_charon() {
+    if !uml::in_guest() {
+        return;
+    }
+    let mut c = Cluster::new(2);
+    c.put_config(None, &ipsec_config(""));
+    let h1 = c.hosts[0].ns.clone();
+    let mut cmd = h1.command("/usr/lib/ipsec/charon");
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut running = h1.spawn(cmd);
+    wait_for(T, "the running charon to answer", || {
+        h1.exec("swanctl", &["--stats"])
+            .status
+            .success()
+            .then_some(())
+    });
+    c.start_flanneld(0, &["--ip-masq"]);
+    start(&mut c, 1);
+    c.add_pod(0);
+    c.add_pod(1);
+    c.wait_full_mesh(T);
+    let log = c.flanneld(0).log();
+    assert!(
+        log.contains("Using the charon daemon that answers on /var/run/charon.vici"),
+        "{log}"
+    );
+    assert!(!log.contains("Charon daemon started"), "{log}");
+
+    let _ = running.kill();
+    let _ = running.wait();
+    h1.ip(&["xfrm", "state", "flush"]);
+    c.flanneld(0).wait_log("charon reloaded", T);
+    let log = c.flanneld(0).log();
+    assert!(
+        log.contains("starting our own") && log.contains("Charon daemon started"),
+        "{log}"
+    );
+    c.wait_full_mesh(T);
 }
