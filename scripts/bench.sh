@@ -3,8 +3,8 @@
 #   ./scripts/bench.sh [--seconds N] [--streams N] [--rounds N] [--modes a,b,..]
 #       data path: underlay vs host-gw vs vxlan vs udp vs wireguard (and wireguard-go),
 #       pod-to-pod throughput and latency;
-#   ./scripts/bench.sh --uml --modes underlay,host-gw,vxlan,ipip [...]
-#       the same inside a user-mode-linux guest (a kernel with ipip; one CPU: ratios only);
+#   ./scripts/bench.sh --uml --modes underlay,host-gw,vxlan,ipip,ipsec [...]
+#       the same inside a user-mode-linux guest (a kernel with ipip and ESP; one CPU: ratios only);
 #   ./scripts/bench.sh kube [--nodes N] [--adds N] [--heartbeats N]
 #       kube mode: one flanneld against N kubelet-shaped Nodes (memory, start-up, event latency).
 set -euo pipefail

@@ -40,6 +40,10 @@ command -v nsenter >/dev/null || need+=(util-linux)
 command -v linux.uml >/dev/null || need+=(user-mode-linux)
 command -v modprobe >/dev/null || need+=(kmod)
 command -v iptables-legacy >/dev/null || need+=(iptables)
+# The ipsec backend (tests in the UML guest): strongSwan's charon, and swanctl (the package also
+# holds charon's vici plugin, the socket flanneld talks to).
+[ -x /usr/lib/ipsec/charon ] || need+=(strongswan-charon)
+[ -e /usr/lib/ipsec/plugins/libstrongswan-vici.so ] || need+=(strongswan-swanctl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

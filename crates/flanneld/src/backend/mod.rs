@@ -11,6 +11,7 @@ pub mod extension;
 pub mod gce;
 pub mod hostgw;
 pub mod ipip;
+pub mod ipsec;
 pub mod tencentvpc;
 pub mod udp;
 pub mod vxlan;
@@ -114,6 +115,7 @@ pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
         "gce" => Ok(gce::GceBackend::create),
         "host-gw" => Ok(hostgw::HostGwBackend::create),
         "ipip" => Ok(ipip::IpipBackend::create),
+        "ipsec" => Ok(ipsec::IpsecBackend::create),
         "tencent-vpc" => Ok(tencentvpc::TencentVpcBackend::create),
         "udp" => Ok(udp::UdpBackend::create),
         "vxlan" => Ok(vxlan::VxlanBackend::create),

@@ -6,7 +6,8 @@
 //! - [`link`]: any link (list, details, up, MTU, delete);
 //! - [`vxlan`], [`iptun`]: the link kinds flannel creates (vxlan, ipip);
 //! - [`address`], [`route`], [`neighbour`] (ARP/NDP and FDB entries);
-//! - [`events`]: link change notifications.
+//! - [`events`]: link change notifications;
+//! - [`xfrm`]: IPsec policies (the XFRM netlink family, its own socket).
 
 pub mod address;
 pub mod events;
@@ -16,6 +17,7 @@ pub mod neighbour;
 pub mod route;
 pub mod vxlan;
 pub mod wireguard;
+pub mod xfrm;
 
 pub use address::Address;
 pub use events::{link_events, LinkEvent};

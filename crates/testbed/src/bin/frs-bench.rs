@@ -4,7 +4,8 @@
 //! `frs-bench [--seconds N] [--streams N] [--rounds N] [--modes a,b,..]`. Modes: underlay,
 //! host-gw, vxlan, udp (offload data path), udp-batch, udp-simple (one packet per syscall),
 //! wireguard (our user-space WireGuard; wireguard-batch without offloads), wireguard-go (a pair
-//! of Debian's wireguard-go set up by hand as Go flannel does, the reference). Each
+//! of Debian's wireguard-go set up by hand as Go flannel does, the reference); in the UML guest
+//! (`--uml`) also ipip and ipsec (kernel ESP keyed by strongSwan's charon). Each
 //! round measures every mode once, in turn, so machine noise hits all modes alike; medians over
 //! rounds are reported, with flanneld's CPU time per Gbit for the user-space modes.
 
@@ -116,16 +117,24 @@ fn measure(mode: &str, seconds: u32, streams: u32) -> Sample {
             "wireguard-batch" => ("wireguard", "batch"),
             other => (other, "offload"),
         };
+        // ipsec: a PSK (>= 96 characters), and --ip-masq so pod traffic keeps its pod source
+        // address and matches the XFRM policies.
+        let (extra, flags): (String, &[&str]) = if backend == "ipsec" {
+            let psk = "frs-bench-psk-".repeat(8);
+            (format!(r#","PSK":"{psk}""#), &["--ip-masq"])
+        } else {
+            (String::new(), &[])
+        };
         c.put_config(
             None,
-            &format!(r#"{{"Network":"10.8.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
+            &format!(r#"{{"Network":"10.8.0.0/16","Backend":{{"Type":"{backend}"{extra}}}}}"#),
         );
         for h in 0..2 {
             let key = c.dir.join(&format!("wgkey-{h}"));
             let key = key.to_string_lossy().into_owned();
             c.start_flanneld_env(
                 h,
-                &[],
+                flags,
                 &[
                     ("FLANNEL_UDP_DATAPATH", datapath),
                     ("TESTBED_PRIVATE_RUN", "1"),
