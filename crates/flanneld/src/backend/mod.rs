@@ -4,6 +4,7 @@
 //! handles batches of lease events. Adding a backend = one module + one line in [`lookup`].
 
 pub mod alloc;
+pub mod awsvpc;
 pub mod cloud;
 pub mod engine;
 pub mod extension;
@@ -106,6 +107,7 @@ pub type Constructor = fn(&BackendContext) -> Result<Box<dyn Backend>, BackendEr
 pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
     match backend_type {
         "alloc" => Ok(alloc::AllocBackend::create),
+        "aws-vpc" => Ok(awsvpc::AwsVpcBackend::create),
         "extension" => Ok(extension::ExtensionBackend::create),
         "host-gw" => Ok(hostgw::HostGwBackend::create),
         "ipip" => Ok(ipip::IpipBackend::create),
