@@ -4,6 +4,7 @@
 //! panic, through `Drop`) and the removal of a crashed run's leftovers live in one place. Nothing
 //! here adds links, routes, addresses or rules to the root namespace.
 
+pub mod cloud_aws;
 pub mod cluster;
 pub mod cni;
 pub mod etcd;
