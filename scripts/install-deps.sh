@@ -40,10 +40,21 @@ command -v nsenter >/dev/null || need+=(util-linux)
 command -v linux.uml >/dev/null || need+=(user-mode-linux)
 command -v modprobe >/dev/null || need+=(kmod)
 command -v iptables-legacy >/dev/null || need+=(iptables)
+# The aws-vpc tests (crates/testbed/src/cloud_aws.rs): pip for moto + boto3 below.
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     # Wait for a dpkg lock held by another installer instead of failing.
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}" >/dev/null
+fi
+# The aws-vpc tests: moto in server mode (the fake EC2/IAM/STS, pinned) and boto3, the real AWS
+# client the tests build and read back the cloud with. Skipped when the pinned moto is importable.
+MOTO_VERSION=5.2.1
+if ! python3 -c "import boto3, flask, flask_cors, moto, moto.server; assert moto.__version__ == '$MOTO_VERSION'" 2>/dev/null; then
+    echo "installing: moto[server]==$MOTO_VERSION (pip)"
+    # Debian's python marks itself externally managed; these are test tools, installed for root.
+    python3 -m pip install -q --root-user-action=ignore --break-system-packages \
+        "moto[server]==$MOTO_VERSION" boto3 >/dev/null
 fi
