@@ -23,6 +23,10 @@ const TOKEN_TTL_SECONDS: &str = "21600";
 /// How many times one metadata read is tried (transport errors and 5xx only).
 const ATTEMPTS: u32 = 4;
 
+/// How long one metadata exchange may take: the service is on the host, so a silent one is
+/// absent (or drops the IMDSv2 token PUT past the hop limit); v1 is tried then.
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A client of the instance metadata service.
 pub struct Imds {
     http: CloudHttp,
@@ -42,7 +46,7 @@ impl Imds {
     /// A client for `endpoint` (`http://host[:port]`).
     pub fn new(http: CloudHttp, endpoint: &str) -> Self {
         Imds {
-            http,
+            http: http.with_timeout(TIMEOUT),
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token: Mutex::new(None),
         }
