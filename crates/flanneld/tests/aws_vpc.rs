@@ -436,7 +436,7 @@ fn each_host_routes_its_subnet_to_its_interface() {
 }
 
 #[test]
-fn a_wrong_secret_is_rejected_and_errors_name_the_call() {
+fn errors_name_the_call_and_code_a_wrong_secret_is_rejected_and_outages_are_retried() {
     let mut c = Cluster::new(1);
     let w = World::new(&c);
     let (i1, eni1) = w.instance(0);
@@ -522,12 +522,19 @@ fn a_wrong_secret_is_rejected_and_errors_name_the_call() {
         .contains("Unexpected RouteTableID type. Must be string or array of strings."));
     assert!(imds.requests().is_empty());
 
-    // The right secret, same everything else: accepted and routed.
+    // The right secret, same everything else, while EC2 is unreachable at first: the failing
+    // call is retried with backoff, then accepted and routed.
     c.put_config(
         None,
         &format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"aws-vpc"}}}}"#),
     );
+    w.moto.ns.ip(&["link", "set", "eth0", "down"]);
     let mut f = run(&mut c, &env(&secret));
+    f.wait_log(
+        "ec2 DescribeInstances failed (attempt 1/5), retrying in 1s",
+        T,
+    );
+    w.moto.ns.ip(&["link", "set", "eth0", "up"]);
     let path = c.hosts[0].subnet_file.clone();
     f.wait_subnet_env(&path, T);
     let s1 = c.subnet(0).to_string();
