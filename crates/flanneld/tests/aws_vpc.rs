@@ -479,7 +479,7 @@ fn errors_name_the_call_and_code_a_wrong_secret_is_rejected_and_outages_are_retr
     // the cloud's code and message, and never prints the secret.
     let mut f = run(&mut c, &env(wrong));
     let st = f.wait_exit(T);
-    assert!(!st.success(), "flanneld must fail with a wrong secret");
+    assert_eq!(st.code(), Some(1), "flanneld must fail with a wrong secret");
     let l = f.log();
     assert!(
         l.contains("ec2 DescribeInstances: AuthFailure: AWS was not able to validate the provided access credentials (HTTP 401)"),
