@@ -44,6 +44,8 @@ command -v iptables-legacy >/dev/null || need+=(iptables)
 # holds charon's vici plugin, the socket flanneld talks to).
 [ -x /usr/lib/ipsec/charon ] || need+=(strongswan-charon)
 [ -e /usr/lib/ipsec/plugins/libstrongswan-vici.so ] || need+=(strongswan-swanctl)
+# The cloud-route tests (moto, the providers' SDKs) are installed with pip, below.
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -51,14 +53,15 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}" >/dev/null
 fi
-# The cloud-route backends' tests drive the fake clouds with the providers' own Python clients
-# (pinned; skipped when already importable).
-if ! python3 -c 'import tencentcloud.vpc.v20170312, googleapiclient.discovery' 2>/dev/null; then
-    command -v pip3 >/dev/null || { apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3-pip >/dev/null; }
-    python3 -m pip install -q --break-system-packages \
+# The cloud-route backends' tests drive the fake clouds with the real clients: moto in server
+# mode (the fake EC2/IAM/STS) with boto3, the Tencent Cloud SDK and Google's API client. Pinned;
+# skipped when the pinned versions are importable. Debian's python marks itself externally
+# managed; these are test tools, installed for root.
+MOTO_VERSION=5.2.1
+if ! python3 -c "import boto3, flask, flask_cors, moto, moto.server, tencentcloud.vpc.v20170312, googleapiclient.discovery; assert moto.__version__ == '$MOTO_VERSION'" 2>/dev/null; then
+    echo "installing: moto[server]==$MOTO_VERSION, tencentcloud-sdk-python, google-api-python-client (pip)"
+    python3 -m pip install -q --root-user-action=ignore --break-system-packages \
+        "moto[server]==$MOTO_VERSION" boto3 \
         tencentcloud-sdk-python-common==3.1.195 tencentcloud-sdk-python-vpc==3.1.193 \
-        google-api-python-client==2.202.0 2>/dev/null \
-        || python3 -m pip install -q \
-            tencentcloud-sdk-python-common==3.1.195 tencentcloud-sdk-python-vpc==3.1.193 \
-            google-api-python-client==2.202.0
+        google-api-python-client==2.202.0 >/dev/null
 fi

@@ -5,6 +5,7 @@
 
 pub mod alivpc;
 pub mod alloc;
+pub mod awsvpc;
 pub mod cloud;
 pub mod engine;
 pub mod extension;
@@ -111,6 +112,7 @@ pub fn lookup(backend_type: &str) -> Result<Constructor, BackendError> {
     match backend_type {
         "ali-vpc" => Ok(alivpc::AliVpcBackend::create),
         "alloc" => Ok(alloc::AllocBackend::create),
+        "aws-vpc" => Ok(awsvpc::AwsVpcBackend::create),
         "extension" => Ok(extension::ExtensionBackend::create),
         "gce" => Ok(gce::GceBackend::create),
         "host-gw" => Ok(hostgw::HostGwBackend::create),

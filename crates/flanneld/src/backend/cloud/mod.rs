@@ -132,6 +132,13 @@ impl CloudHttp {
         })
     }
 
+    /// The same client with another per-exchange timeout (metadata services answer in
+    /// milliseconds or not at all, e.g. an IMDSv2 token PUT dropped by the hop limit).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// Sends `req`; `call` names it in errors. Any HTTP status is returned as a response.
     pub async fn send(&self, call: &str, req: Request<Bytes>) -> Result<CloudResponse, CloudError> {
         let transport = |message: String| CloudError::Transport {
