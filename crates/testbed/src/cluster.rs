@@ -340,7 +340,9 @@ impl Pinger {
     /// Starts `ping -i 0.2` from pod `from` to `to`; `count` pings, or until [`Pinger::finish`].
     pub fn start(c: &Cluster, from: usize, to: Ipv4Addr, count: Option<u32>) -> Self {
         let mut cmd = c.pods[from].ns.command("ping");
-        cmd.args(["-i", "0.2", "-W", "1"]);
+        // Quiet: only the summary is printed, so a long run never fills the unread pipe (a
+        // blocked ping stops sending).
+        cmd.args(["-q", "-i", "0.2", "-W", "1"]);
         if let Some(n) = count {
             cmd.args(["-c", &n.to_string()]);
         }
