@@ -11,7 +11,7 @@ use http::Request;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::backend::cloud::{hmac_sha1, retry, CloudError, CloudHttp, Secret};
+use crate::backend::cloud::{hmac_sha1, retry, CloudError, CloudHttp, MetadataService, Secret};
 use crate::backend::tencentvpc::sign::utc_civil;
 
 /// The VPC API's default host.
@@ -297,39 +297,20 @@ pub fn parse_response(call: &str, status: u16, body: &[u8]) -> Result<Value, Clo
 
 /// The instance metadata service.
 pub struct Metadata {
-    http: CloudHttp,
-    base: String,
+    service: MetadataService,
 }
 
 impl Metadata {
     /// A reader of `base` (normally [`METADATA_BASE`]).
     pub fn new(http: CloudHttp, base: &str) -> Self {
         Metadata {
-            http,
-            base: base.trim_end_matches('/').to_string(),
+            service: MetadataService::new(http, base, None, ATTEMPTS),
         }
     }
 
     /// The text value at `path`.
     pub async fn get(&self, path: &str) -> Result<String, CloudError> {
-        let url = format!("{}/{path}", self.base);
-        let what = format!("metadata GET {url}");
-        retry(&what, ATTEMPTS, || async {
-            let req = Request::get(url.as_str())
-                .body(Bytes::new())
-                .map_err(|e| CloudError::Config(format!("{what}: {e}")))?;
-            let resp = self.http.send(&what, req).await?;
-            if !resp.status.is_success() {
-                return Err(CloudError::Api {
-                    call: what.clone(),
-                    status: resp.status.as_u16(),
-                    code: format!("HTTP {}", resp.status.as_u16()),
-                    message: resp.text().trim().chars().take(200).collect(),
-                });
-            }
-            Ok(resp.text().trim().to_string())
-        })
-        .await
+        self.service.get(path).await
     }
 }
 

@@ -209,6 +209,66 @@ where
     }
 }
 
+/// An instance metadata service that answers a GET with the value as plain text (Tencent,
+/// Alibaba, Google): retried with backoff, the value trimmed, an empty one an error.
+pub struct MetadataService {
+    http: CloudHttp,
+    base: String,
+    header: Option<(&'static str, &'static str)>,
+    attempts: u32,
+}
+
+impl MetadataService {
+    /// A reader of `base` (values at `<base>/<path>`), sending `header` with every request
+    /// (e.g. Google's `Metadata-Flavor: Google`), trying each read up to `attempts` times.
+    pub fn new(
+        http: CloudHttp,
+        base: &str,
+        header: Option<(&'static str, &'static str)>,
+        attempts: u32,
+    ) -> Self {
+        MetadataService {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            header,
+            attempts,
+        }
+    }
+
+    /// The value at `path`, trimmed.
+    pub async fn get(&self, path: &str) -> Result<String, CloudError> {
+        let url = format!("{}/{path}", self.base);
+        let what = format!("metadata GET {url}");
+        retry(&what, self.attempts, || async {
+            let mut req = Request::get(url.as_str());
+            if let Some((k, v)) = self.header {
+                req = req.header(k, v);
+            }
+            let req = req
+                .body(Bytes::new())
+                .map_err(|e| CloudError::Config(format!("{what}: {e}")))?;
+            let resp = self.http.send(&what, req).await?;
+            if !resp.status.is_success() {
+                return Err(CloudError::Api {
+                    call: what.clone(),
+                    status: resp.status.as_u16(),
+                    code: format!("HTTP {}", resp.status.as_u16()),
+                    message: resp.text().trim().chars().take(200).collect(),
+                });
+            }
+            let v = resp.text().trim().to_string();
+            if v.is_empty() {
+                return Err(CloudError::Invalid {
+                    call: what.clone(),
+                    message: "empty value".into(),
+                });
+            }
+            Ok(v)
+        })
+        .await
+    }
+}
+
 /// A credential: usable, but `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);

@@ -10,7 +10,7 @@ use http::{Method, Request};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::backend::cloud::{retry, CloudError, CloudHttp, Secret};
+use crate::backend::cloud::{retry, CloudError, CloudHttp, MetadataService, Secret};
 
 /// The metadata server's default address.
 pub const DEFAULT_METADATA_HOST: &str = "169.254.169.254";
@@ -28,43 +28,28 @@ pub fn base_name(s: &str) -> &str {
 
 /// The metadata server.
 pub struct Metadata {
-    http: CloudHttp,
-    root: String,
+    service: MetadataService,
 }
 
 impl Metadata {
     /// A reader of the server at `host` (`GCE_METADATA_HOST` form: `host[:port]`).
     pub fn new(http: CloudHttp, host: &str) -> Self {
         Metadata {
-            http,
-            root: format!(
-                "http://{}/computeMetadata/v1/",
-                host.trim().trim_end_matches('/')
+            service: MetadataService::new(
+                http,
+                &format!(
+                    "http://{}/computeMetadata/v1",
+                    host.trim().trim_end_matches('/')
+                ),
+                Some(("Metadata-Flavor", "Google")),
+                ATTEMPTS,
             ),
         }
     }
 
     /// The raw value at `path` (below `computeMetadata/v1/`).
     pub async fn get(&self, path: &str) -> Result<String, CloudError> {
-        let url = format!("{}{path}", self.root);
-        let what = format!("metadata GET {path}");
-        retry(&what, ATTEMPTS, || async {
-            let req = Request::get(url.as_str())
-                .header("Metadata-Flavor", "Google")
-                .body(Bytes::new())
-                .map_err(|e| CloudError::Config(format!("{what}: {e}")))?;
-            let resp = self.http.send(&what, req).await?;
-            if !resp.status.is_success() {
-                return Err(CloudError::Api {
-                    call: what.clone(),
-                    status: resp.status.as_u16(),
-                    code: format!("HTTP {}", resp.status.as_u16()),
-                    message: resp.text().trim().chars().take(200).collect(),
-                });
-            }
-            Ok(resp.text().trim().to_string())
-        })
-        .await
+        self.service.get(path).await
     }
 
     /// The project id.
