@@ -2,7 +2,7 @@
 //! user-mode-linux guest (testbed::uml) and runs its `guest_*` half there, with the iptables rules
 //! mode (the guest kernel has no nf_tables for ip). The `guest_*` tests return at once elsewhere.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use testbed::{uml, wait_for, Cluster};
 
@@ -13,22 +13,9 @@ fn ipip_config(extra: &str) -> String {
     format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"ipip"{extra}}}}}"#)
 }
 
-/// Runs the guest half `name` in a fresh guest and reports its timings.
+/// Runs the guest half `name` in a fresh guest.
 fn in_guest(name: &str) {
-    let t = Instant::now();
-    let run = uml::run_in_guest(&["--exact", name], GUEST_TIMEOUT);
-    eprintln!(
-        "{name}: guest boot {:?}, guest total {:?}, wall {:?}",
-        run.boot_time,
-        run.total_time,
-        t.elapsed()
-    );
-    run.assert_success();
-    assert!(
-        run.output.contains("test result: ok. 1 passed"),
-        "{}",
-        run.output
-    );
+    uml::run_guest_test(name, GUEST_TIMEOUT);
 }
 
 #[test]

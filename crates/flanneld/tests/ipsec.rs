@@ -23,22 +23,9 @@ fn ipsec_config(extra: &str) -> String {
     format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"ipsec","PSK":"{psk}"{extra}}}}}"#)
 }
 
-/// Runs the guest half `name` in a fresh guest and reports its timings.
+/// Runs the guest half `name` in a fresh guest.
 fn in_guest(name: &str) {
-    let t = Instant::now();
-    let run = uml::run_in_guest(&["--exact", name], GUEST_TIMEOUT);
-    eprintln!(
-        "{name}: guest boot {:?}, guest total {:?}, wall {:?}",
-        run.boot_time,
-        run.total_time,
-        t.elapsed()
-    );
-    run.assert_success();
-    assert!(
-        run.output.contains("test result: ok. 1 passed"),
-        "{}",
-        run.output
-    );
+    uml::run_guest_test(name, GUEST_TIMEOUT);
 }
 
 #[test]

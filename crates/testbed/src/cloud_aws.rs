@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -56,32 +56,7 @@ impl Moto {
     /// there; returns once moto answers.
     pub fn start(underlay: &NetNs, ip: Ipv4Addr, region: &str) -> Self {
         let ns = NetNs::new("aws");
-        let out = Command::new("ip")
-            .args([
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                ns.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "veth-aws",
-                "netns",
-                underlay.name(),
-            ])
-            .output()
-            .expect("ip link add");
-        assert!(
-            out.status.success(),
-            "veth: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        underlay.ip(&["link", "set", "veth-aws", "master", "br0"]);
-        underlay.ip(&["link", "set", "veth-aws", "up"]);
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
+        crate::cluster::plug_into_underlay(underlay, &ns, "veth-aws", &format!("{ip}/24"));
         let dir = TempDir::new("moto");
         std::fs::write(dir.join("moto_server.py"), MOTO_SERVER_PY).expect("write moto_server.py");
         std::fs::write(dir.join("ec2_world.py"), EC2_WORLD_PY).expect("write ec2_world.py");

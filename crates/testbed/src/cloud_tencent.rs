@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -204,33 +203,12 @@ async fn handle(
 /// clouds run, reachable from every host like a cloud's metadata and API endpoints).
 pub fn cloud_host(underlay: &NetNs, ip: Ipv4Addr) -> NetNs {
     let ns = NetNs::new("cloud");
-    let peer = format!("veth-c{}", ip.octets()[3]);
-    let out = Command::new("ip")
-        .args([
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            ns.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-            "netns",
-            underlay.name(),
-        ])
-        .output()
-        .expect("ip link add");
-    assert!(
-        out.status.success(),
-        "veth: {}",
-        String::from_utf8_lossy(&out.stderr)
+    crate::cluster::plug_into_underlay(
+        underlay,
+        &ns,
+        &format!("veth-c{}", ip.octets()[3]),
+        &format!("{ip}/24"),
     );
-    underlay.ip(&["link", "set", &peer, "master", "br0"]);
-    underlay.ip(&["link", "set", &peer, "up"]);
-    ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-    ns.ip(&["link", "set", "eth0", "up"]);
     ns
 }
 

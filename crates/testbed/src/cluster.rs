@@ -81,34 +81,12 @@ impl Cluster {
     fn make_host(underlay: &Arc<NetNs>, dir: &TempDir, i: usize) -> ClusterHost {
         let ns = Arc::new(NetNs::new(&format!("h{}", i + 1)));
         let ip = Ipv4Addr::new(192, 168, 100, 11 + i as u8);
-        let peer = format!("veth-h{}", i + 1);
-        // Created directly inside the two namespaces: nothing appears in the root namespace.
-        let out = Command::new("ip")
-            .args([
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                ns.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &peer,
-                "netns",
-                underlay.name(),
-            ])
-            .output()
-            .expect("ip link add");
-        assert!(
-            out.status.success(),
-            "veth: {}",
-            String::from_utf8_lossy(&out.stderr)
+        plug_into_underlay(
+            underlay,
+            &ns,
+            &format!("veth-h{}", i + 1),
+            &format!("{ip}/24"),
         );
-        underlay.ip(&["link", "set", &peer, "master", "br0"]);
-        underlay.ip(&["link", "set", &peer, "up"]);
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "default", "via", "192.168.100.1"]);
         ns.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         // IPv6 underlay too (fd00:100::/64), for dual-stack networks.
@@ -331,6 +309,37 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Connects `ns` to the underlay bridge `br0` of `underlay`: a veth pair created directly inside
+/// the two namespaces (nothing appears in the root namespace), `eth0` in `ns` with `cidr`, up.
+pub fn plug_into_underlay(underlay: &NetNs, ns: &NetNs, peer: &str, cidr: &str) {
+    let out = Command::new("ip")
+        .args([
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            underlay.name(),
+        ])
+        .output()
+        .expect("ip link add");
+    assert!(
+        out.status.success(),
+        "veth: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    underlay.ip(&["link", "set", peer, "master", "br0"]);
+    underlay.ip(&["link", "set", peer, "up"]);
+    ns.ip(&["addr", "add", cidr, "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
 }
 
 /// A background ping (5 per second) from a pod, for measuring loss while things change.

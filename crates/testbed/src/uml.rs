@@ -95,6 +95,25 @@ impl Drop for Guest {
     }
 }
 
+/// Runs the calling test binary's test `name` (its guest half) in a fresh guest, prints the
+/// timings and asserts it passed.
+pub fn run_guest_test(name: &str, timeout: Duration) {
+    let t = std::time::Instant::now();
+    let run = run_in_guest(&["--exact", name], timeout);
+    eprintln!(
+        "{name}: guest boot {:?}, guest total {:?}, wall {:?}",
+        run.boot_time,
+        run.total_time,
+        t.elapsed()
+    );
+    run.assert_success();
+    assert!(
+        run.output.contains("test result: ok. 1 passed"),
+        "{}",
+        run.output
+    );
+}
+
 /// Boots a guest and runs the current test executable in it with `args` (e.g. `["--exact",
 /// "ipip_guest"]`; `--nocapture --test-threads=1` are added) and `FRS_IN_GUEST=1`, killing the
 /// guest after `timeout`.
