@@ -25,15 +25,7 @@ pub const ATTEMPTS: u32 = 6;
 
 /// RFC 3986 percent-encoding as the signature wants it (only `A-Za-z0-9-_.~` stay as is).
 pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    crate::backend::cloud::percent_encode(s)
 }
 
 /// The sorted, encoded `k=v&...` of all parameters (the request's query, minus Signature).
