@@ -18,6 +18,7 @@
 //! blocks, which spares back-to-back packets a thread wake-up. Buffers are allocated once per
 //! worker.
 
+pub mod gro;
 pub mod sock;
 pub mod steer;
 
@@ -287,6 +288,10 @@ struct Worker<C: Codec> {
     rx_out: Vec<Vec<u8>>,
     scratch: Vec<u8>,
     gro_table: GROTable,
+    /// Our own receive coalescing (else tun-rs's GRO table), `FLANNEL_UDP_RX_GRO=tun-rs` to
+    /// compare.
+    own_gro: bool,
+    coalescer: gro::Coalescer,
     counters: crate::metrics::DatapathCounters,
 }
 
@@ -331,6 +336,8 @@ impl<C: Codec> Worker<C> {
                 .collect(),
             scratch: vec![0u8; 65_535 + 256],
             gro_table: GROTable::new(),
+            own_gro: std::env::var("FLANNEL_UDP_RX_GRO").as_deref() != Ok("tun-rs"),
+            coalescer: gro::Coalescer::default(),
             counters: crate::metrics::metrics().datapath(C::NAME),
         }
     }
@@ -514,8 +521,11 @@ impl<C: Codec> Worker<C> {
             gro_table,
             tmp,
             counters,
+            own_gro,
+            coalescer,
             ..
         } = self;
+        let own_gro = *own_gro;
         let mut datagrams = 0;
         let mut bytes = 0u64;
         let mut k = 0;
@@ -533,6 +543,15 @@ impl<C: Codec> Worker<C> {
                                 counters.drop_tun.inc();
                                 tracing::debug!("TUN write: {e}");
                             }
+                            return;
+                        }
+                        if own_gro {
+                            coalescer.push(pkt, &mut |b| {
+                                if let Err(e) = dev.send(b) {
+                                    counters.drop_tun.inc();
+                                    tracing::debug!("TUN write: {e}");
+                                }
+                            });
                             return;
                         }
                         if k == rx_out.len() {
@@ -557,6 +576,14 @@ impl<C: Codec> Worker<C> {
         let _ = tmp;
         if offload && k > 0 {
             Self::flush_tun(dev, gro_table, &mut rx_out[..k], counters);
+        }
+        if offload && own_gro {
+            coalescer.flush(&mut |b| {
+                if let Err(e) = dev.send(b) {
+                    counters.drop_tun.inc();
+                    tracing::debug!("TUN write: {e}");
+                }
+            });
         }
         counters.packets_in.inc_by(datagrams as u64);
         counters.bytes_in.inc_by(bytes);
