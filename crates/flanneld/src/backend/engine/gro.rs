@@ -354,7 +354,7 @@ mod tests {
         // Non-TCP passes through unchanged, with an empty header.
         let mut udp = tcp(1, &d, TCP_ACK, &[]);
         udp[9] = 17;
-        let out = run(&[udp.clone()]);
+        let out = run(std::slice::from_ref(&udp));
         assert_eq!(&out[0][..VIRTIO_NET_HDR_LEN], &[0u8; VIRTIO_NET_HDR_LEN]);
         assert_eq!(&out[0][VIRTIO_NET_HDR_LEN..], &udp[..]);
     }
@@ -362,7 +362,7 @@ mod tests {
     #[test]
     fn a_single_segment_is_written_unchanged() {
         let p = tcp(1, &[5u8; 70], TCP_ACK, &[]);
-        let out = run(&[p.clone()]);
+        let out = run(std::slice::from_ref(&p));
         assert_eq!(out.len(), 1);
         assert_eq!(&out[0][..VIRTIO_NET_HDR_LEN], &[0u8; VIRTIO_NET_HDR_LEN]);
         assert_eq!(&out[0][VIRTIO_NET_HDR_LEN..], &p[..]);
