@@ -71,6 +71,13 @@ fn main() {
         );
     }
 
+    // What an operator runs when a packet does not arrive: read-only, exit 0 when all agree.
+    let (code, report) = c.doctor(0, &["--ip-masq"]);
+    println!("\n== flanneld doctor on h1 (exit {code})");
+    for line in report.lines().take_while(|l| !l.starts_with("--- stderr")) {
+        println!("{line}");
+    }
+
     finish(c, &backend);
 }
 
