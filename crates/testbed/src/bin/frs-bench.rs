@@ -14,6 +14,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use testbed::bench::cpu_seconds;
 use testbed::netns::NetNs;
 use testbed::wggo::HandWg;
 use testbed::Cluster;
@@ -23,17 +24,6 @@ struct Sample {
     rtt_ms: f64,
     /// flanneld CPU seconds (both hosts) per Gbit transferred.
     cpu_per_gbit: f64,
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
 }
 
 fn iperf(client: &NetNs, server: &NetNs, dst: Ipv4Addr, seconds: u32, streams: u32) -> f64 {
