@@ -325,18 +325,8 @@ impl Drop for ImdsServer {
 }
 
 fn enter_netns(path: &Path) {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path)
-        .unwrap_or_else(|e| panic!("open network namespace {}: {e}", path.display()));
-    // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "setns {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
+    crate::netns::enter_netns(path)
+        .unwrap_or_else(|e| panic!("entering network namespace {}: {e}", path.display()));
 }
 
 fn answer(state: &Mutex<ImdsState>, req: Request<Incoming>) -> Response<Full<Bytes>> {

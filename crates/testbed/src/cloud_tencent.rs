@@ -70,17 +70,8 @@ impl HttpFake {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let f = match std::fs::File::open(&path) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(format!("open {}: {e}", path.display())));
-                    return;
-                }
-            };
-            // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let _ = ready_tx.send(Err(format!("setns: {}", std::io::Error::last_os_error())));
+            if let Err(e) = crate::netns::enter_netns(&path) {
+                let _ = ready_tx.send(Err(format!("entering {}: {e}", path.display())));
                 return;
             }
             let rt = tokio::runtime::Builder::new_current_thread()

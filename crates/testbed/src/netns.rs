@@ -2,6 +2,7 @@
 
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Once};
 
@@ -59,6 +60,18 @@ fn kill_all_in(ns: &str) {
             }
         }
     }
+}
+
+/// Moves the calling thread into the network namespace at `path` (`/run/netns/<name>`), for
+/// in-process servers and sockets that must live in a test namespace.
+pub fn enter_netns(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A named network namespace, deleted (with every process in it) on drop.
@@ -141,11 +154,8 @@ impl NetNs {
         let path = format!("/run/netns/{}", self.name);
         let payload = payload.to_vec();
         std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open netns");
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on this short-lived thread only; the fd is valid.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns failed: {}", std::io::Error::last_os_error());
+            enter_netns(Path::new(&path))
+                .unwrap_or_else(|e| panic!("entering network namespace {path}: {e}"));
             let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
             sock.send_to(&payload, to).expect("send");
         })
@@ -159,11 +169,8 @@ impl NetNs {
     pub fn run_in<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
         let path = format!("/run/netns/{}", self.name);
         let joined = std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open netns");
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on this thread only; the fd is valid.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns failed: {}", std::io::Error::last_os_error());
+            enter_netns(Path::new(&path))
+                .unwrap_or_else(|e| panic!("entering network namespace {path}: {e}"));
             f()
         })
         .join();
