@@ -1,7 +1,6 @@
 //! `alloc`: lease a subnet and nothing else (an external system does the data plane).
 
 use async_trait::async_trait;
-use flannel_types::LeaseAttrs;
 
 use super::{Backend, BackendContext, BackendError, Network};
 use crate::lease::Lease;
@@ -27,9 +26,7 @@ impl Backend for AllocBackend {
         &self,
         ctx: &BackendContext,
     ) -> Result<Box<dyn Network>, BackendError> {
-        let ip = ctx.ext.ext_addr.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-        let attrs = LeaseAttrs::public_only(ip);
-        let lease = ctx.store.acquire_lease(&ctx.config, &attrs).await?;
+        let lease = ctx.acquire_public_only_lease().await?;
         Ok(Box::new(AllocNetwork {
             lease,
             mtu: ctx.ext.mtu,

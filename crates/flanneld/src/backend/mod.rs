@@ -54,6 +54,16 @@ pub struct BackendContext {
     pub config: NetworkConfig,
 }
 
+impl BackendContext {
+    /// Acquires a lease that announces only the public IP (no BackendType, no BackendData), as
+    /// Go writes it for alloc and the cloud-route backends.
+    pub async fn acquire_public_only_lease(&self) -> Result<Lease, BackendError> {
+        let ip = self.ext.ext_addr.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+        let attrs = flannel_types::LeaseAttrs::public_only(ip);
+        Ok(self.store.acquire_lease(&self.config, &attrs).await?)
+    }
+}
+
 /// A backend type, ready to register its network.
 #[async_trait]
 pub trait Backend: Send + Sync {

@@ -15,12 +15,10 @@
 
 pub mod api;
 
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use flannel_types::backend_options::CloudKeyOptions;
-use flannel_types::LeaseAttrs;
 
 use self::api::{Metadata, RouteEntry, VpcClient};
 use super::cloud::{env_or, CloudError, CloudHttp, CloudRouteNetwork};
@@ -133,11 +131,7 @@ impl Backend for AliVpcBackend {
         ctx: &BackendContext,
     ) -> Result<Box<dyn Network>, BackendError> {
         credentials(&self.opts)?;
-        let ip = ctx.ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
-        let lease = ctx
-            .store
-            .acquire_lease(&ctx.config, &LeaseAttrs::public_only(ip))
-            .await?;
+        let lease = ctx.acquire_public_only_lease().await?;
         ensure_route(&self.opts, &lease.key.ipv4.to_string()).await?;
         Ok(CloudRouteNetwork::boxed(lease, ctx))
     }

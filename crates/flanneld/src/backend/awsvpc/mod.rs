@@ -16,7 +16,7 @@ pub mod sigv4;
 
 use async_trait::async_trait;
 use flannel_types::gojson::FoldedObject;
-use flannel_types::{ConfigError, LeaseAttrs};
+use flannel_types::ConfigError;
 use ipnet::Ipv4Net;
 use serde_json::Value;
 
@@ -95,11 +95,7 @@ impl Backend for AwsVpcBackend {
         &self,
         ctx: &BackendContext,
     ) -> Result<Box<dyn Network>, BackendError> {
-        let public_ip = ctx.ext.ext_addr.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-        let lease = ctx
-            .store
-            .acquire_lease(&ctx.config, &LeaseAttrs::public_only(public_ip))
-            .await?;
+        let lease = ctx.acquire_public_only_lease().await?;
         let iface_addr = ctx.ext.iface_addr.ok_or_else(|| {
             BackendError::Other(format!(
                 "aws-vpc: interface {} has no IPv4 address to find its network interface by",

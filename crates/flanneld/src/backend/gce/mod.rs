@@ -13,10 +13,7 @@
 
 pub mod api;
 
-use std::net::Ipv4Addr;
-
 use async_trait::async_trait;
-use flannel_types::LeaseAttrs;
 
 use self::api::{Compute, Metadata};
 use super::cloud::{env_or, CloudError, CloudHttp, CloudRouteNetwork};
@@ -96,11 +93,7 @@ impl Backend for GceBackend {
         &self,
         ctx: &BackendContext,
     ) -> Result<Box<dyn Network>, BackendError> {
-        let ip = ctx.ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
-        let lease = ctx
-            .store
-            .acquire_lease(&ctx.config, &LeaseAttrs::public_only(ip))
-            .await?;
+        let lease = ctx.acquire_public_only_lease().await?;
         ensure_route(&lease.key.ipv4.to_string()).await?;
         Ok(CloudRouteNetwork::boxed(lease, ctx))
     }

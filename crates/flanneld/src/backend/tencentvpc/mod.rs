@@ -20,7 +20,6 @@ use std::net::Ipv4Addr;
 
 use async_trait::async_trait;
 use flannel_types::backend_options::CloudKeyOptions;
-use flannel_types::LeaseAttrs;
 
 use self::api::{Metadata, RouteTable, VpcClient};
 use super::cloud::{env_or, CloudError, CloudHttp, CloudRouteNetwork, Secret};
@@ -165,10 +164,7 @@ impl Backend for TencentVpcBackend {
         // Fail on missing keys before touching the lease store.
         credentials(&self.opts)?;
         let ip = ctx.ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
-        let lease = ctx
-            .store
-            .acquire_lease(&ctx.config, &LeaseAttrs::public_only(ip))
-            .await?;
+        let lease = ctx.acquire_public_only_lease().await?;
         ensure_route(&self.opts, &lease.key.ipv4.to_string(), ip).await?;
         Ok(CloudRouteNetwork::boxed(lease, ctx))
     }
