@@ -119,6 +119,9 @@ fn direct_routing_uses_plain_routes_on_one_segment() {
         .ns
         .run("bridge", &["fdb", "show", "dev", "flannel.1"]);
     assert!(!fdb.contains("dst 192.168.100.12"), "{fdb}");
+    // doctor knows a directly routed peer has no neighbour or FDB entry.
+    let (code, report) = c.doctor(0, &[]);
+    assert_eq!(code, 0, "{report}");
 }
 
 #[test]

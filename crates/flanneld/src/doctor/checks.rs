@@ -448,7 +448,12 @@ pub fn diagnose(inp: &Inputs<'_>) -> Diagnosis {
                 Some(mac) => {
                     vteps.insert(mac, public);
                     gateways.insert(gateway);
-                    if let Some(d) = dev {
+                    // A peer reached by DirectRouting has a plain route and no neighbour/FDB.
+                    let routed_directly = direct
+                        && routes
+                            .get(&subnet)
+                            .is_some_and(|rs| rs.iter().any(|r| r.gateway == Some(public)));
+                    if let (Some(d), false) = (dev, routed_directly) {
                         check_vxlan_peer(inp.kernel, d, l, gateway, mac, public, &mut out);
                     }
                 }
