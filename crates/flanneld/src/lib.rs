@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod rules;
 pub mod store;
+pub mod utc;
 
 /// The version printed by `--version`.
 pub const VERSION: &str = concat!("v", env!("CARGO_PKG_VERSION"), "-rs");

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::backend::cloud::{hmac_sha1, retry, CloudError, CloudHttp, MetadataService, Secret};
-use crate::backend::tencentvpc::sign::utc_civil;
+use crate::utc::utc_civil;
 
 /// The VPC API's default host.
 pub const DEFAULT_ENDPOINT: &str = "vpc.aliyuncs.com";

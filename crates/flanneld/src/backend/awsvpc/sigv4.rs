@@ -40,32 +40,11 @@ impl AmzDate {
 
     /// The UTC time `secs` seconds after the Unix epoch.
     pub fn from_unix(secs: u64) -> Self {
-        let days = (secs / 86_400) as i64;
-        let rem = secs % 86_400;
-        let (y, m, d) = civil_from_days(days);
+        let (y, m, d, h, mi, s) = crate::utc::utc_civil(secs);
         let date = format!("{y:04}{m:02}{d:02}");
-        let timestamp = format!(
-            "{date}T{:02}{:02}{:02}Z",
-            rem / 3600,
-            (rem % 3600) / 60,
-            rem % 60
-        );
+        let timestamp = format!("{date}T{h:02}{mi:02}{s:02}Z");
         AmzDate { timestamp, date }
     }
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// RFC 3986 percent-encoding as SigV4 wants it: everything but `A-Z a-z 0-9 - _ . ~`.

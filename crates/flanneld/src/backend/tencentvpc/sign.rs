@@ -55,34 +55,9 @@ pub fn signature(secret_key: &Secret, input: &Tc3Input<'_>) -> String {
     hex(&hmac_sha256(&k_signing, to_sign.as_bytes()))
 }
 
-/// The calendar date and time of a Unix timestamp in UTC: (year, month, day, hour, min, sec).
-/// (Signatures need the UTC date; no date crate is worth pulling in for this.)
-pub fn utc_civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (
-        y,
-        m,
-        d,
-        (rem / 3_600) as u32,
-        (rem % 3_600 / 60) as u32,
-        (rem % 60) as u32,
-    )
-}
-
 /// `YYYY-MM-DD` of a Unix timestamp in UTC.
 pub fn utc_date(secs: u64) -> String {
-    let (y, m, d, ..) = utc_civil(secs);
+    let (y, m, d, ..) = crate::utc::utc_civil(secs);
     format!("{y:04}-{m:02}-{d:02}")
 }
 
@@ -97,8 +72,6 @@ mod tests {
     fn dates() {
         assert_eq!(utc_date(0), "1970-01-01");
         assert_eq!(utc_date(1_551_113_065), "2019-02-25");
-        assert_eq!(utc_civil(951_782_400), (2000, 2, 29, 0, 0, 0));
-        assert_eq!(utc_civil(1_456_231_584), (2016, 2, 23, 12, 46, 24));
     }
 
     /// The signature document's example request (CVM DescribeInstances at 1551113065, the
