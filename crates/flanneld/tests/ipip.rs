@@ -13,45 +13,13 @@ fn ipip_config(extra: &str) -> String {
     format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"ipip"{extra}}}}}"#)
 }
 
-/// Runs the guest half `name` in a fresh guest.
-fn in_guest(name: &str) {
-    uml::run_guest_test(name, GUEST_TIMEOUT);
-}
-
-#[test]
-fn three_hosts_in_uml() {
-    if !uml::in_guest() {
-        in_guest("guest_three_hosts");
-    }
-}
-
-#[test]
-fn direct_routing_in_uml() {
-    if !uml::in_guest() {
-        in_guest("guest_direct_routing");
-    }
-}
-
-#[test]
-fn go_configured_host_interop_in_uml() {
-    if !uml::in_guest() {
-        in_guest("guest_go_configured_host_interop");
-    }
-}
-
-#[test]
-fn restart_loses_no_ping_in_uml() {
-    if !uml::in_guest() {
-        in_guest("guest_restart_loses_no_ping");
-    }
-}
-
-#[test]
-fn existing_devices_in_uml() {
-    if !uml::in_guest() {
-        in_guest("guest_existing_devices");
-    }
-}
+testbed::uml_guest_tests!(GUEST_TIMEOUT;
+    three_hosts_in_uml => "guest_three_hosts",
+    direct_routing_in_uml => "guest_direct_routing",
+    go_configured_host_interop_in_uml => "guest_go_configured_host_interop",
+    restart_loses_no_ping_in_uml => "guest_restart_loses_no_ping",
+    existing_devices_in_uml => "guest_existing_devices",
+);
 
 /// 3 hosts: all pod pairs reachable; device, MTU, address, routes and lease as Go flannel's; a
 /// departed host's route removed.

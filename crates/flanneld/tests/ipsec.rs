@@ -23,45 +23,13 @@ fn ipsec_config(extra: &str) -> String {
     format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"ipsec","PSK":"{psk}"{extra}}}}}"#)
 }
 
-/// Runs the guest half `name` in a fresh guest.
-fn in_guest(name: &str) {
-    uml::run_guest_test(name, GUEST_TIMEOUT);
-}
-
-#[test]
-fn three_hosts_in_uml() {
-    if !uml::in_guest() {
-        in_guest("guest_three_hosts");
-    }
-}
-
-#[test]
-fn udp_encap_in_uml() {
-    if !uml::in_guest() {
-        in_guest("guest_udp_encap");
-    }
-}
-
-#[test]
-fn go_configured_host_interop_in_uml() {
-    if !uml::in_guest() {
-        in_guest("guest_go_configured_host_interop");
-    }
-}
-
-#[test]
-fn running_charon_in_uml() {
-    if !uml::in_guest() {
-        in_guest("guest_running_charon");
-    }
-}
-
-#[test]
-fn charon_restart_in_uml() {
-    if !uml::in_guest() {
-        in_guest("guest_charon_restart");
-    }
-}
+testbed::uml_guest_tests!(GUEST_TIMEOUT;
+    three_hosts_in_uml => "guest_three_hosts",
+    udp_encap_in_uml => "guest_udp_encap",
+    go_configured_host_interop_in_uml => "guest_go_configured_host_interop",
+    running_charon_in_uml => "guest_running_charon",
+    charon_restart_in_uml => "guest_charon_restart",
+);
 
 /// A PSK shorter than 96 characters: the reference's error, exit 1, before charon or the kernel
 /// are touched (so no guest needed).

@@ -95,6 +95,23 @@ impl Drop for Guest {
     }
 }
 
+/// Host halves of guest tests: `uml_guest_tests!(timeout; three_hosts_in_uml => "guest_three_hosts", ...)`
+/// defines one `#[test]` per pair that boots a guest and runs the named guest half there (and does
+/// nothing when already inside a guest).
+#[macro_export]
+macro_rules! uml_guest_tests {
+    ($timeout:expr; $($host:ident => $guest:literal),+ $(,)?) => {
+        $(
+            #[test]
+            fn $host() {
+                if !$crate::uml::in_guest() {
+                    $crate::uml::run_guest_test($guest, $timeout);
+                }
+            }
+        )+
+    };
+}
+
 /// Runs the calling test binary's test `name` (its guest half) in a fresh guest, prints the
 /// timings and asserts it passed.
 pub fn run_guest_test(name: &str, timeout: Duration) {
