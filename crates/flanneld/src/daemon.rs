@@ -231,6 +231,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Shutdown> {
         n = be.register_network(&ctx) => n.context("Error registering network")?,
         _ = &mut signal => return Ok(Shutdown::Signal),
     };
+    backend::engine::preattach::release_unclaimed();
     let lease = network.lease().clone();
 
     setup_traffic_rules(&opts, &config, &lease, &mut tasks).await?;

@@ -84,6 +84,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(opts.v);
+    // Before anything slow (config, lease): hold flannel's persistent TUN devices again, so
+    // packets routed to them during start-up wait instead of being dropped.
+    flanneld::backend::engine::preattach::grab_existing(&[
+        flanneld::backend::udp::DEVICE,
+        flanneld::backend::wireguard::DEVICE,
+        flanneld::backend::wireguard::DEVICE_V6,
+    ]);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -141,6 +141,15 @@ impl Cluster {
 
     /// Like [`Self::start_flanneld`] with extra environment variables.
     pub fn start_flanneld_env(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)]) -> String {
+        self.spawn_flanneld_env(i, extra, env);
+        let h = &mut self.hosts[i];
+        let f = h.flanneld.as_mut().expect("just spawned");
+        f.wait_subnet_env(&h.subnet_file, Duration::from_secs(60))
+    }
+
+    /// Starts flanneld on host `i` (etcd flags first, so `extra` may override them) without
+    /// waiting for it to become ready.
+    pub fn spawn_flanneld_env(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)]) {
         let h = &mut self.hosts[i];
         let mut args = vec![
             format!("--etcd-endpoints={}", self.etcd.url()),
@@ -148,10 +157,7 @@ impl Cluster {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let _ = std::fs::remove_file(&h.subnet_file);
-        let mut f = Flanneld::start_env(&h.ns, self.dir.path(), &args, env);
-        let env = f.wait_subnet_env(&h.subnet_file, Duration::from_secs(60));
-        h.flanneld = Some(f);
-        env
+        h.flanneld = Some(Flanneld::start_env(&h.ns, self.dir.path(), &args, env));
     }
 
     /// Runs `flanneld doctor` on host `i` with the flags its daemon gets (`extra` as given to

@@ -19,6 +19,7 @@
 //! worker.
 
 pub mod gro;
+pub mod preattach;
 pub mod sock;
 pub mod steer;
 
@@ -139,9 +140,18 @@ pub struct Running {
     pub cpu_steering: bool,
 }
 
-/// Opens (or re-attaches to) the persistent TUN device, one handle per queue. Falls back from
+/// Opens (or re-attaches to) the persistent TUN device, one handle per queue, taking the
+/// handles [`preattach::grab_existing`] opened at start when they match. Falls back from
 /// offload to plain batching if the kernel refuses IFF_VNET_HDR.
 pub fn open_tun(name: &str, mode: Mode, queues: usize) -> io::Result<(Vec<SyncDevice>, Mode)> {
+    match preattach::take(name, mode, queues) {
+        Some(held) => Ok(held),
+        None => open_tun_now(name, mode, queues),
+    }
+}
+
+/// [`open_tun`] without the handles grabbed at start.
+fn open_tun_now(name: &str, mode: Mode, queues: usize) -> io::Result<(Vec<SyncDevice>, Mode)> {
     let try_open = |offload: bool, multi: bool| -> io::Result<Vec<SyncDevice>> {
         let first = DeviceBuilder::new()
             .name(name)

@@ -34,6 +34,7 @@ const OVERHEAD: u32 = 28;
 /// Removes a `flannel0` left by an earlier udp run (it persists across restarts) when the
 /// network now uses another backend: its route for the whole network would swallow traffic.
 pub async fn remove_leftover_device(nl: &Netlink) {
+    crate::backend::engine::preattach::release(DEVICE);
     match nl.link_details(DEVICE).await {
         Ok(Some(d)) if d.kind.as_deref() == Some("tun") => {
             tracing::info!("udp: removing {DEVICE} left by an earlier udp run");

@@ -92,6 +92,7 @@ pub async fn open_datapath(
 /// now uses another backend (its route for the whole network would swallow traffic).
 pub async fn remove_leftover_device(nl: &Netlink) {
     for name in [DEVICE, DEVICE_V6] {
+        crate::backend::engine::preattach::release(name);
         if let Ok(Some(d)) = nl.link_details(name).await {
             if d.kind.as_deref() == Some("tun") {
                 tracing::info!("wireguard: removing {name} left by an earlier wireguard run");
