@@ -168,6 +168,74 @@ fn three_hosts_mesh_lease_device_and_underlay_sees_only_wireguard() {
         assert_eq!(&msg[1..4], &[0, 0, 0], "reserved bytes");
     }
     assert!(pkts.iter().any(|p| p[28] == 4), "data messages seen");
+
+    // flanneld doctor reads the peers back through the UAPI socket and agrees with the daemon;
+    // then it names a removed peer, a wrong endpoint and a stray peer, each with its fix.
+    let (code, text) = c.doctor_beside_daemon(0, &["--ip-masq"]);
+    assert_eq!(code, 0, "{text}");
+    let pid = flanneld_pid(&mut c, 0);
+    let (k1, k2) = (lease_key(&c, 1), lease_key(&c, 2));
+    let stray = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+    wg(pid, &["set", "flannel-wg", "peer", &k1, "remove"]);
+    wg(
+        pid,
+        &[
+            "set",
+            "flannel-wg",
+            "peer",
+            &k2,
+            "endpoint",
+            "192.168.100.99:51820",
+        ],
+    );
+    wg(
+        pid,
+        &[
+            "set",
+            "flannel-wg",
+            "peer",
+            stray,
+            "allowed-ips",
+            "10.99.0.0/24",
+        ],
+    );
+    let (code, json) = c.doctor_beside_daemon(0, &["--ip-masq", "--json"]);
+    assert_eq!(code, 1, "{json}");
+    let stdout = json.split("\n--- stderr ---").next().unwrap_or_default();
+    let doc: serde_json::Value = serde_json::from_str(stdout).expect("doctor --json is JSON");
+    let mut found: Vec<(String, String)> = doc["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| {
+            (
+                f["check"].as_str().unwrap_or_default().to_string(),
+                f["fix"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    found.sort();
+    let mut want = vec![
+        (
+            "stale-wg-peer".to_string(),
+            format!("wg set flannel-wg peer {stray} remove"),
+        ),
+        (
+            "wg-peer-endpoint".to_string(),
+            format!(
+                "wg set flannel-wg peer {k2} endpoint 192.168.100.13:51820 (or restart flanneld on this host (it reconciles this at start-up))"
+            ),
+        ),
+        (
+            "wg-peer-missing".to_string(),
+            format!(
+                "wg set flannel-wg peer {k1} endpoint 192.168.100.12:51820 allowed-ips {} (or restart flanneld on this host (it reconciles this at start-up))",
+                c.subnet(1)
+            ),
+        ),
+    ];
+    want.sort();
+    assert_eq!(found, want, "{json}");
 }
 
 #[test]

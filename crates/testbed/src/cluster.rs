@@ -173,6 +173,26 @@ impl Cluster {
         run_doctor(&h.ns, &args, &[])
     }
 
+    /// Like [`Self::doctor`], but run inside host `i`'s running flanneld's mount and network
+    /// namespaces, so it sees what the daemon sees (e.g. the private /run of
+    /// `TESTBED_PRIVATE_RUN` with the user-space WireGuard's UAPI socket).
+    pub fn doctor_beside_daemon(&mut self, i: usize, extra: &[&str]) -> (i32, String) {
+        let pid = self.flanneld(i).pid().expect("flanneld running");
+        let h = &self.hosts[i];
+        let mut args: Vec<String> = ["-t", &pid.to_string(), "-m", "-n"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend([
+            crate::binary("flanneld").display().to_string(),
+            "doctor".to_string(),
+            format!("--etcd-endpoints={}", self.etcd.url()),
+            format!("--subnet-file={}", h.subnet_file.display()),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        run_command(std::process::Command::new("nsenter").args(&args))
+    }
+
     /// Starts flanneld on every host.
     pub fn start_all(&mut self, extra: &[&str]) {
         for i in 0..self.hosts.len() {
@@ -402,10 +422,16 @@ pub fn ping_counts(summary: &str) -> (u64, u64) {
 /// Runs `flanneld <args>` (a doctor run) in `ns`; returns the exit code and stdout + stderr.
 pub fn run_doctor(ns: &NetNs, args: &[String], env: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = ns.command(crate::binary("flanneld"));
-    cmd.args(args).env_remove("RUST_LOG");
+    cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
+    run_command(&mut cmd)
+}
+
+/// Runs a doctor command line; returns the exit code and stdout (stderr appended).
+fn run_command(cmd: &mut std::process::Command) -> (i32, String) {
+    cmd.env_remove("RUST_LOG");
     let out = cmd.output().expect("run flanneld doctor");
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -44,6 +44,8 @@ pub struct KernelState {
     pub neighbours: HashMap<u32, Vec<Neighbour>>,
     /// FDB entries of flannel's vxlan devices, by device index.
     pub fdb: HashMap<u32, Vec<Neighbour>>,
+    /// flannel's WireGuard devices as read back (kernel or user-space), by name.
+    pub wireguard: super::wg::WgDevices,
 }
 
 impl KernelState {
@@ -115,7 +117,7 @@ pub struct Diagnosis {
     pub findings: Vec<Finding>,
 }
 
-fn finding(
+pub(super) fn finding(
     check: &'static str,
     subject: impl Into<String>,
     problem: String,
@@ -129,7 +131,7 @@ fn finding(
     }
 }
 
-const RESTART: &str = "restart flanneld on this host (it reconciles this at start-up)";
+pub(super) const RESTART: &str = "restart flanneld on this host (it reconciles this at start-up)";
 
 /// The vxlan lease data a remote host announces.
 fn vtep_mac(l: &Lease) -> Option<[u8; 6]> {
@@ -580,6 +582,9 @@ pub fn diagnose(inp: &Inputs<'_>) -> Diagnosis {
                 ));
             }
         }
+    }
+    if backend == "wireguard" {
+        super::wg::check(&inp.kernel.wireguard, own, &remotes, &mut out);
     }
     match &inp.rules {
         RulesState::NotWanted | RulesState::Current => {}

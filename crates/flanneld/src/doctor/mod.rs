@@ -6,6 +6,7 @@
 //! write, no firewall change. Exit status: 0 all agree, 1 something drifts, 2 it could not look.
 
 pub mod checks;
+pub mod wg;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,6 +139,17 @@ pub async fn read_kernel(nl: &Netlink) -> anyhow::Result<KernelState> {
     };
     for l in links.iter().filter(|l| l.name.starts_with("flannel")) {
         if let Some(d) = nl.link_details(&l.name).await? {
+            if d.name.starts_with("flannel-wg") {
+                use crate::backend::wireguard::{kernel, uapi};
+                let view = match d.kind.as_deref() {
+                    Some("wireguard") => Some(kernel::read_device(&d.name).await),
+                    Some("tun") => Some(uapi::read_device(&d.name)),
+                    _ => None,
+                };
+                if let Some(v) = view {
+                    k.wireguard.insert(d.name.clone(), v);
+                }
+            }
             if d.kind.as_deref() == Some("vxlan") {
                 k.neighbours
                     .insert(d.index, nl.neighbours(d.index, false).await?);

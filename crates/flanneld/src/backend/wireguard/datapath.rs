@@ -50,3 +50,15 @@ pub trait WgDataPath: Send + Sync {
     /// The peers currently configured (keys, endpoints, allowed IPs, keepalive).
     async fn peers(&self) -> Result<Vec<WgPeer>, BackendError>;
 }
+
+/// A WireGuard device as read back (for `flanneld doctor`): what peers can rely on, never the
+/// private or preshared keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WgDeviceView {
+    /// The device's public key (none while no private key is set).
+    pub public_key: Option<WgKey>,
+    /// The UDP port it listens on.
+    pub listen_port: u16,
+    /// Its peers (`preshared_key` only says whether one is set).
+    pub peers: Vec<WgPeer>,
+}

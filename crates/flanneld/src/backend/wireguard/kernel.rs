@@ -21,7 +21,7 @@ use netlink_packet_wireguard::{
     WireguardCmd, WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
 };
 
-use super::datapath::{WgDataPath, WgDeviceConfig, WgKey, WgPeer};
+use super::datapath::{WgDataPath, WgDeviceConfig, WgDeviceView, WgKey, WgPeer};
 use crate::backend::BackendError;
 use crate::netlink::Netlink;
 
@@ -165,6 +165,24 @@ impl WgDataPath for KernelWg {
         .map_err(|e| err(format!("failed to read the peers of {}: {e}", self.name)))?;
         Ok(peers_from_replies(replies))
     }
+}
+
+/// Reads the kernel WireGuard device `name` (public key, port, peers) without changing it.
+pub async fn read_device(name: &str) -> Result<WgDeviceView, String> {
+    let genl = genl_connect().map_err(|e| e.to_string())?;
+    let replies = request(genl, get_device_message(name), NLM_F_REQUEST | NLM_F_DUMP).await?;
+    let mut view = WgDeviceView::default();
+    for m in &replies {
+        for a in &m.attributes {
+            match a {
+                WireguardAttribute::PublicKey(k) if *k != [0; 32] => view.public_key = Some(*k),
+                WireguardAttribute::ListenPort(p) => view.listen_port = *p,
+                _ => {}
+            }
+        }
+    }
+    view.peers = peers_from_replies(replies);
+    Ok(view)
 }
 
 /// SET_DEVICE with the private key and listen port; peers are left alone (flannel adds and

@@ -9,8 +9,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use super::datapath::{WgDeviceConfig, WgPeer};
-use super::keys::{hex_key, parse_hex_key};
+use super::datapath::{WgDeviceConfig, WgDeviceView, WgPeer};
+use super::keys::{hex_key, parse_hex_key, public_key};
 use super::userspace::{apply_peer, WgCodec};
 
 /// The directory of UAPI sockets (the path `wg` looks in).
@@ -189,4 +189,113 @@ pub fn set(codec: &WgCodec, body: &[String]) -> Result<(), String> {
         }
     }
     flush(pending)
+}
+
+/// Reads the device `name` through its UAPI socket (ours or wireguard-go's), as `wg show`
+/// does; the private key only yields the public one and is dropped.
+pub fn read_device(name: &str) -> Result<WgDeviceView, String> {
+    let path = format!("{SOCKET_DIR}/{name}.sock");
+    let mut conn = UnixStream::connect(&path).map_err(|e| format!("{path}: {e}"))?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    conn.write_all(b"get=1\n\n")
+        .map_err(|e| format!("{path}: {e}"))?;
+    let mut text = String::new();
+    for line in BufReader::new(conn).lines() {
+        let line = line.map_err(|e| format!("{path}: {e}"))?;
+        if line.is_empty() {
+            break;
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    parse_get_reply(&text).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Parses a `get=1` reply (without its final blank line).
+pub fn parse_get_reply(text: &str) -> Result<WgDeviceView, String> {
+    let mut view = WgDeviceView::default();
+    let mut errno = None;
+    for line in text.lines() {
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| format!("malformed line {line:?}"))?;
+        let key = || parse_hex_key(v).ok_or_else(|| format!("bad key in {k}"));
+        match k {
+            "private_key" => {
+                let private = key()?;
+                view.public_key = (private != [0; 32]).then(|| public_key(&private));
+            }
+            "listen_port" => view.listen_port = v.parse().map_err(|_| format!("bad {line:?}"))?,
+            "public_key" => view.peers.push(WgPeer {
+                public_key: key()?,
+                preshared_key: None,
+                endpoint: None,
+                allowed_ips: vec![],
+                keepalive_secs: 0,
+            }),
+            "errno" => errno = v.parse::<i32>().ok(),
+            _ => {
+                let Some(p) = view.peers.last_mut() else {
+                    continue;
+                };
+                match k {
+                    "preshared_key" => p.preshared_key = Some(key()?).filter(|k| *k != [0; 32]),
+                    "endpoint" => p.endpoint = v.parse().ok(),
+                    "persistent_keepalive_interval" => p.keepalive_secs = v.parse().unwrap_or(0),
+                    "allowed_ip" => p
+                        .allowed_ips
+                        .push(v.parse().map_err(|_| format!("bad {line:?}"))?),
+                    _ => {}
+                }
+            }
+        }
+    }
+    match errno {
+        Some(0) => Ok(view),
+        Some(n) => Err(format!("the device answered errno={n}")),
+        None => Err("no errno in the reply (not a WireGuard UAPI socket?)".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_reply_is_read_back_without_secrets() {
+        let private = [5u8; 32];
+        let text = format!(
+            "private_key={}\nlisten_port=51820\npublic_key={}\npreshared_key={}\nprotocol_version=1\nendpoint=[fd00::2]:51821\nlast_handshake_time_sec=0\npersistent_keepalive_interval=25\nallowed_ip=10.5.2.0/24\nallowed_ip=fd10:0:2::/64\npublic_key={}\npreshared_key={}\nendpoint=192.168.1.3:51820\nerrno=0\n",
+            hex_key(&private),
+            hex_key(&[2; 32]),
+            hex_key(&[8; 32]),
+            hex_key(&[3; 32]),
+            hex_key(&[0; 32]),
+        );
+        let v = parse_get_reply(&text).unwrap();
+        assert_eq!(v.public_key, Some(public_key(&private)));
+        assert_eq!(v.listen_port, 51820);
+        assert_eq!(v.peers.len(), 2);
+        assert_eq!(v.peers[0].public_key, [2; 32]);
+        assert_eq!(v.peers[0].preshared_key, Some([8; 32]));
+        assert_eq!(
+            v.peers[0].endpoint,
+            Some("[fd00::2]:51821".parse().unwrap())
+        );
+        assert_eq!(v.peers[0].keepalive_secs, 25);
+        assert_eq!(
+            v.peers[0].allowed_ips,
+            vec![
+                "10.5.2.0/24".parse().unwrap(),
+                "fd10:0:2::/64".parse().unwrap()
+            ]
+        );
+        assert_eq!(v.peers[1].preshared_key, None, "an all-zero PSK is none");
+        assert!(parse_get_reply("errno=19\n")
+            .unwrap_err()
+            .contains("errno=19"));
+        assert!(parse_get_reply("listen_port=1\n").is_err());
+        assert!(parse_get_reply("garbage\nerrno=0\n").is_err());
+    }
 }
