@@ -299,14 +299,30 @@ impl Cluster {
         wait_for(timeout, &what, || self.ping(from, to).then_some(()));
     }
 
+    /// Every (from, to) pair of pods on different hosts.
+    pub fn cross_host_pairs(&self) -> Vec<(usize, usize)> {
+        let n = self.pods.len();
+        (0..n)
+            .flat_map(|a| (0..n).map(move |b| (a, b)))
+            .filter(|&(a, b)| self.pods[a].host != self.pods[b].host)
+            .collect()
+    }
+
     /// Waits until every pod reaches every pod on other hosts.
     pub fn wait_full_mesh(&self, timeout: Duration) {
-        for a in 0..self.pods.len() {
-            for b in 0..self.pods.len() {
-                if self.pods[a].host != self.pods[b].host {
-                    self.wait_ping(a, self.pods[b].ip, timeout);
-                }
-            }
+        for (a, b) in self.cross_host_pairs() {
+            self.wait_ping(a, self.pods[b].ip, timeout);
+        }
+    }
+
+    /// Waits until every pod reaches every pod on other hosts over IPv6 (dual-stack
+    /// networks); panics if a pod has no IPv6 address.
+    pub fn wait_full_mesh6(&self, timeout: Duration) {
+        for (a, b) in self.cross_host_pairs() {
+            let to = self.pods[b]
+                .ip6
+                .unwrap_or_else(|| panic!("{} has no IPv6 address", self.pods[b].label));
+            self.wait_ping6(a, to, timeout);
         }
     }
 }
