@@ -249,6 +249,21 @@ impl UdpSock {
         self.family
     }
 
+    /// The address the socket is bound to (e.g. to learn an ephemeral port).
+    pub fn local_addr<A: SockAddr>(&self) -> io::Result<A> {
+        let mut raw = A::raw_zeroed();
+        let mut len = size_of::<A::Raw>() as libc::socklen_t;
+        // SAFETY: raw is writable for len bytes; the kernel writes at most that much.
+        check(unsafe {
+            libc::getsockname(
+                self.as_raw_fd(),
+                &mut raw as *mut _ as *mut libc::sockaddr,
+                &mut len,
+            )
+        })?;
+        Ok(A::from_raw(&raw))
+    }
+
     fn setsockopt(
         &self,
         level: libc::c_int,
@@ -562,5 +577,85 @@ impl<A: SockAddr> MultiSend<A> {
             Some(e) => Err(e),
             None => Ok(sent),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_peers_are_v4_mapped_on_a_dual_stack_socket_and_plain_v4_here() {
+        let v4: SocketAddr = "192.168.100.12:51820".parse().unwrap();
+        let (raw, len) = v4.to_raw(libc::AF_INET6).unwrap();
+        assert_eq!(len as usize, size_of::<libc::sockaddr_in6>());
+        assert_eq!(
+            Ipv6Addr::from(raw.sin6_addr.s6_addr),
+            "::ffff:192.168.100.12".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(SocketAddr::from_raw(&raw), v4);
+        // On an IPv4 socket (kernel without IPv6): a sockaddr_in inside the same storage.
+        let (raw, len) = v4.to_raw(libc::AF_INET).unwrap();
+        assert_eq!(len as usize, size_of::<libc::sockaddr_in>());
+        assert_eq!(SocketAddr::from_raw(&raw), v4);
+        let v6: SocketAddr = "[fd00:100::12]:51821".parse().unwrap();
+        assert_eq!(
+            SocketAddr::from_raw(&v6.to_raw(libc::AF_INET6).unwrap().0),
+            v6
+        );
+        assert!(v6.to_raw(libc::AF_INET).is_none());
+        assert_eq!(
+            v6.v4_fallback(),
+            None,
+            "only the wildcard falls back to IPv4"
+        );
+        let any: SocketAddr = "[::]:51820".parse().unwrap();
+        assert_eq!(any.v4_fallback(), Some("0.0.0.0:51820".parse().unwrap()));
+    }
+
+    /// Loopback only: a socket, no links, addresses or routes.
+    #[test]
+    fn one_dual_stack_socket_receives_both_families_batched() {
+        let any: SocketAddr = "[::]:0".parse().unwrap();
+        let sock = match UdpSock::bind(any, false) {
+            Ok(s) => s,
+            Err(e) => panic!("bind {any}: {e}"),
+        };
+        let port = sock.local_addr::<SocketAddr>().unwrap().port();
+        let to4: SocketAddr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+        let to6: SocketAddr = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port);
+        let from4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let from6 = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        from4.send_to(b"four", to4).unwrap();
+        from6.send_to(b"six", to6).unwrap();
+        let mut rx: MultiRecv<SocketAddr> = MultiRecv::new(4, 2048);
+        let mut got = vec![];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while got.len() < 2 && std::time::Instant::now() < deadline {
+            if let Ok(n) = rx.recv(&sock) {
+                for i in 0..n {
+                    got.push((rx.source(i), rx.buf(i).to_vec()));
+                }
+            }
+        }
+        got.sort_by_key(|(_, d)| d.len());
+        assert_eq!(
+            got,
+            vec![
+                (from6.local_addr().unwrap(), b"six".to_vec()),
+                (from4.local_addr().unwrap(), b"four".to_vec()),
+            ]
+        );
+        // And back to both, in one sendmmsg.
+        let mut tx: MultiSend<SocketAddr> = MultiSend::new(sock.family());
+        let (a, b) = (from4.local_addr().unwrap(), from6.local_addr().unwrap());
+        assert!(tx.push(a, &[b"to-four"]));
+        assert!(tx.push(b, &[b"to-six"]));
+        assert_eq!(tx.flush(&sock).unwrap(), 2);
+        let mut buf = [0u8; 64];
+        let (n, src) = from4.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], src), (&b"to-four"[..], to4));
+        let (n, src) = from6.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], src.port()), (&b"to-six"[..], port));
     }
 }
