@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use testbed::capture::{capture, Packet};
 use testbed::fixture::PREFIX;
-use testbed::wggo::{pubkey, wg, HandWg};
+use testbed::wggo::{pubkey, wg, HandV6, HandWg};
 use testbed::{wait_for, Cluster};
 
 const T: Duration = Duration::from_secs(30);
@@ -534,4 +534,60 @@ fn single_device_mode_ipv4_carries_v6_pods_over_the_v4_underlay() {
 #[test]
 fn single_device_mode_ipv6_carries_v4_pods_over_the_v6_underlay() {
     single_device("ipv6");
+}
+
+#[test]
+fn interop_with_wireguard_go_host_as_go_flannel_separate_mode_over_v6() {
+    let mut c = Cluster::new(3);
+    c.put_config(
+        None,
+        &format!(
+            r#"{{{NET},{NET6},"IPv6SubnetMin":"fc00:5:0:10::","IPv6SubnetMax":"fc00:5:0:90::","Backend":{{"Type":"wireguard"}}}}"#
+        ),
+    );
+    let hand = HandWg::start_dual(
+        &c,
+        2,
+        "10.95.0.0/20",
+        "10.0.0.0/8",
+        Some(HandV6 {
+            subnet: "fc00:5:0:95::/64",
+            network: "fc00:5::/48",
+        }),
+        None,
+    );
+    start(&mut c, 0);
+    start(&mut c, 1);
+    for h in 0..2 {
+        let key = lease_key(&c, h);
+        let v4 = (format!("{}:51820", c.hosts[h].ip), c.subnet(h).to_string());
+        let v6 = (
+            format!("[{}]:51821", c.hosts[h].ip6),
+            c.subnet6(h).expect("v6 subnet").to_string(),
+        );
+        hand.add_peer_on("flannel-wg", &key, &v4.0, &v4.1);
+        hand.add_peer_on("flannel-wg-v6", &key, &v6.0, &v6.1);
+    }
+    for h in 0..3 {
+        c.add_pod(h);
+    }
+    c.wait_full_mesh(T);
+    c.wait_full_mesh6(T);
+    // Our flannel-wg-v6 has the hand-made host's v6 device as a peer, over the v6 underlay.
+    let (_, peers) = dump(&mut c, 0, "flannel-wg-v6");
+    let p = peers
+        .iter()
+        .find(|p| p[0] == hand.public_key)
+        .unwrap_or_else(|| panic!("{peers:?}"));
+    assert_eq!(p[2], "[fd00:100::13]:51821");
+    assert_eq!(p[3], "fc00:5:0:95::/64");
+    assert_ne!(p[4], "0", "a handshake happened");
+    // wireguard-go completed handshakes with both of ours on both devices.
+    for dev in ["flannel-wg", "flannel-wg-v6"] {
+        let theirs = wg(hand.pid(), &["show", dev, "latest-handshakes"]);
+        assert_eq!(theirs.lines().count(), 2, "{dev}: {theirs}");
+        for l in theirs.lines() {
+            assert_ne!(l.split('\t').nth(1), Some("0"), "{dev}: {theirs}");
+        }
+    }
 }
