@@ -399,6 +399,23 @@ fn dual_stack_separate_mode_two_devices_pods_reach_over_v4_and_v6_underlay_sees_
     }
     c.wait_full_mesh(T);
     c.wait_full_mesh6(T);
+    // Bulk TCP both ways over both families: TUN super-packets split before encryption,
+    // received segments coalesced (GSO TCPv4 / TCPv6) before the TUN write, so that those
+    // arriving at the receiver's host reach its stack as packets beyond the MTU of 1420.
+    let (a, b) = (0, 4);
+    assert_eq!((c.pods[a].host, c.pods[b].host), (0, 2));
+    for (v6, dev, filter) in [
+        (false, "flannel-wg", "ip and tcp and greater 3000"),
+        (true, "flannel-wg-v6", "ip6 and tcp and greater 3000"),
+    ] {
+        let ns = c.hosts[2].ns.clone();
+        let big = capture(&ns, dev, filter, || {
+            c.tcp_transfer(a, b, v6, "20M", T);
+        });
+        assert!(!big.is_empty(), "no coalesced TCP packets on {dev}");
+        assert!(big.iter().all(|p| p.version() == if v6 { 6 } else { 4 }));
+        c.tcp_transfer(b, a, v6, "20M", T);
+    }
     // Lease: Go's exact JSON, BackendV6Data with the v6 device's port.
     let key = lease_key(&c, 0);
     assert_eq!(
