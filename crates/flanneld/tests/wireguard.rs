@@ -499,8 +499,8 @@ fn dual_stack_separate_mode_two_devices_pods_reach_over_v4_and_v6_underlay_sees_
 }
 
 /// A single-device mode with IPv6 on: both families' pods through `flannel-wg`, every peer
-/// reached over the underlay family the mode picks (`ipv4`: v6 pods over a v4 underlay;
-/// `ipv6`: v4 pods over a v6 underlay).
+/// reached over the underlay family the mode picks (`ipv4` and `auto` here: v6 pods over a v4
+/// underlay; `ipv6`: v4 pods over a v6 underlay).
 fn single_device(mode: &str) {
     let mut c = cluster_with(2, &dual_config(&format!(r#","Mode":"{mode}""#)));
     c.add_pod(0);
@@ -551,6 +551,13 @@ fn single_device_mode_ipv4_carries_v6_pods_over_the_v4_underlay() {
 #[test]
 fn single_device_mode_ipv6_carries_v4_pods_over_the_v6_underlay() {
     single_device("ipv6");
+}
+
+/// `auto` with a private IPv4 (192.168.100.x) and a ULA IPv6 (fd00:100::x) underlay picks
+/// IPv4 endpoints, as Go's rule does.
+#[test]
+fn single_device_mode_auto_picks_v4_for_private_addresses() {
+    single_device("auto");
 }
 
 #[test]
