@@ -1,4 +1,4 @@
-//! The udp backend's UDP socket: batched system calls (recvmmsg/sendmmsg) and the kernel's UDP
+//! The engine's UDP socket: batched system calls (recvmmsg/sendmmsg) and the kernel's UDP
 //! segmentation offloads (UDP_SEGMENT to send many equal datagrams in one call, UDP_GRO to
 //! receive them coalesced), each used only when the kernel accepts it.
 //!
