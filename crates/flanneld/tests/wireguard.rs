@@ -6,21 +6,33 @@
 //! Every flanneld runs with its own mount namespace and a private /run (as on a real host),
 //! so each has its own `/var/run/wireguard/flannel-wg.sock`; `wg` reaches it with nsenter.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use testbed::capture::{capture, Packet};
 use testbed::fixture::PREFIX;
-use testbed::wggo::{pubkey, wg, HandWg};
+use testbed::wggo::{pubkey, wg, HandV6, HandWg};
 use testbed::{poll_until, wait_for, Cluster};
 
 const T: Duration = Duration::from_secs(30);
 const NET: &str =
     r#""Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0","SubnetMax":"10.90.0.0""#;
 
+/// The v6 half of a dual-stack network (IPv6SubnetLen defaults to 64).
+const NET6: &str = r#""EnableIPv6":true,"IPv6Network":"fc00:5::/48""#;
+/// Underlay traffic that is not the hosts' tunnels: etcd, IGMP, MLD (behind a hop-by-hop
+/// header) and IPv6 neighbour discovery.
+const NOT_TUNNEL: &str = "not tcp port 2379 and not igmp and not (ip6 and (ip6[6] == 0 or \
+                          (ip6[6] == 58 and ip6[40] >= 133 and ip6[40] <= 137)))";
+
 fn config(extra: &str) -> String {
     format!(r#"{{{NET},"Backend":{{"Type":"wireguard"{extra}}}}}"#)
+}
+
+fn dual_config(extra: &str) -> String {
+    format!(r#"{{{NET},{NET6},"Backend":{{"Type":"wireguard"{extra}}}}}"#)
 }
 
 fn key_file(c: &Cluster, h: usize) -> PathBuf {
@@ -37,12 +49,41 @@ fn start(c: &mut Cluster, h: usize) {
 }
 
 fn cluster(n: usize, extra: &str) -> Cluster {
+    cluster_with(n, &config(extra))
+}
+
+fn cluster_with(n: usize, config: &str) -> Cluster {
     let mut c = Cluster::new(n);
-    c.put_config(None, &config(extra));
+    c.put_config(None, config);
     for h in 0..n {
         start(&mut c, h);
     }
     c
+}
+
+/// `wg show <dev> dump` of host `h`'s flanneld: the device line's fields and each peer's,
+/// keyed by public key.
+fn dump(c: &mut Cluster, h: usize, dev: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let pid = flanneld_pid(c, h);
+    let text = wg(pid, &["show", dev, "dump"]);
+    let mut lines = text
+        .lines()
+        .map(|l| l.split('\t').map(str::to_string).collect::<Vec<_>>());
+    let dev_line = lines.next().unwrap_or_else(|| panic!("empty dump: {text}"));
+    (dev_line, lines.collect())
+}
+
+/// Pings every cross-host pod pair once over IPv4 (`v4`) and/or IPv6 (`v6`), asserting each.
+fn ping_all(c: &Cluster, v4: bool, v6: bool) {
+    for (a, b) in c.cross_host_pairs() {
+        if v4 {
+            assert!(c.ping(a, c.pods[b].ip), "{} to {}", a, c.pods[b].ip);
+        }
+        if v6 {
+            let to = c.pods[b].ip6.expect("pod has IPv6");
+            assert!(c.ping6(a, to), "{} to {to}", a);
+        }
+    }
 }
 
 fn flanneld_pid(c: &mut Cluster, h: usize) -> u32 {
@@ -55,54 +96,6 @@ fn lease_key(c: &Cluster, h: usize) -> String {
         .as_str()
         .expect("PublicKey")
         .to_string()
-}
-
-/// Captures on `dev` in `ns` for `secs` seconds while `trigger` runs; returns each packet's
-/// bytes from the IP header on.
-fn capture(
-    ns: &testbed::NetNs,
-    dev: &str,
-    filter: &str,
-    secs: u32,
-    trigger: impl FnOnce(),
-) -> Vec<Vec<u8>> {
-    let child = ns
-        .command("timeout")
-        .args([
-            &secs.to_string(),
-            "tcpdump",
-            "-Z",
-            "root",
-            "-i",
-            dev,
-            "-n",
-            "-x",
-            "-l",
-        ])
-        .arg(filter)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(700));
-    trigger();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut pkts: Vec<Vec<u8>> = vec![];
-    for line in text.lines() {
-        if !line.trim_start().starts_with("0x") {
-            pkts.push(vec![]);
-            continue;
-        }
-        let cur = pkts.last_mut().expect("header line first");
-        for word in line.split(':').nth(1).unwrap_or("").split_whitespace() {
-            for i in (0..word.len()).step_by(2) {
-                cur.push(u8::from_str_radix(&word[i..i + 2], 16).unwrap());
-            }
-        }
-    }
-    pkts.retain(|p| !p.is_empty());
-    pkts
 }
 
 #[test]
@@ -141,33 +134,18 @@ fn three_hosts_mesh_lease_device_and_underlay_sees_only_wireguard() {
         .zip(c.pods.iter().map(|p| p.ip))
         .collect();
     // (IGMP membership reports of the hosts' own bridges are not pod traffic.)
-    let pkts = capture(
-        &ul,
-        "br0",
-        "ip and not tcp port 2379 and not igmp",
-        4,
-        || {
-            for (a, (ha, _)) in pods.iter().enumerate() {
-                for (hb, ip) in &pods {
-                    if ha != hb {
-                        assert!(c.ping(a, *ip));
-                    }
+    let pkts = capture(&ul, "br0", "ip and not tcp port 2379 and not igmp", || {
+        for (a, (ha, _)) in pods.iter().enumerate() {
+            for (hb, ip) in &pods {
+                if ha != hb {
+                    assert!(c.ping(a, *ip));
                 }
             }
-        },
-    );
+        }
+    });
     assert!(pkts.len() >= 24, "{} packets", pkts.len());
-    for p in &pkts {
-        assert_eq!(p[9], 17, "not UDP: {p:02x?}");
-        let ihl = (p[0] & 0xf) as usize * 4;
-        let udp = &p[ihl..];
-        assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 51820);
-        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 51820);
-        let msg = &udp[8..];
-        assert!((1..=4).contains(&msg[0]), "message type {}", msg[0]);
-        assert_eq!(&msg[1..4], &[0, 0, 0], "reserved bytes");
-    }
-    assert!(pkts.iter().any(|p| p[28] == 4), "data messages seen");
+    let types = assert_only_wireguard(&pkts, 51820);
+    assert!(types.contains(&4), "data messages seen");
 
     // flanneld doctor reads the peers back through the UAPI socket and agrees with the daemon;
     // then it names a removed peer, a wrong endpoint and a stray peer, each with its fix.
@@ -236,6 +214,24 @@ fn three_hosts_mesh_lease_device_and_underlay_sees_only_wireguard() {
     ];
     want.sort();
     assert_eq!(found, want, "{json}");
+}
+
+/// Asserts that every packet is a WireGuard message (types 1-4, reserved bytes zero) between
+/// `port`s; returns the message types seen.
+fn assert_only_wireguard(pkts: &[Packet], port: u16) -> Vec<u8> {
+    let mut types = vec![];
+    for p in pkts {
+        let Some((sport, dport, msg)) = p.udp() else {
+            panic!("not UDP: {p:02x?}");
+        };
+        assert_eq!((sport, dport), (port, port), "{p:02x?}");
+        assert!((1..=4).contains(&msg[0]), "message type {}", msg[0]);
+        assert_eq!(&msg[1..4], &[0, 0, 0], "reserved bytes");
+        if !types.contains(&msg[0]) {
+            types.push(msg[0]);
+        }
+    }
+    types
 }
 
 #[test]
@@ -488,5 +484,231 @@ fn kube_mode_three_hosts_with_go_annotations() {
             data,
             format!(r#"{{"PublicKey":"{}","Port":51820}}"#, pubkey(&private))
         );
+    }
+}
+
+#[test]
+fn dual_stack_separate_mode_two_devices_pods_reach_over_v4_and_v6_underlay_sees_only_wireguard() {
+    let mut c = cluster_with(3, &dual_config(""));
+    for h in 0..3 {
+        c.add_pod(h);
+        c.add_pod(h);
+    }
+    c.wait_full_mesh(T);
+    c.wait_full_mesh6(T);
+    // Bulk TCP both ways over both families: TUN super-packets split before encryption,
+    // received segments coalesced (GSO TCPv4 / TCPv6) before the TUN write, so that those
+    // arriving at the receiver's host reach its stack as packets beyond the MTU of 1420.
+    let (a, b) = (0, 4);
+    assert_eq!((c.pods[a].host, c.pods[b].host), (0, 2));
+    for (v6, dev, filter) in [
+        (false, "flannel-wg", "ip and tcp and greater 3000"),
+        (true, "flannel-wg-v6", "ip6 and tcp and greater 3000"),
+    ] {
+        let ns = c.hosts[2].ns.clone();
+        let big = capture(&ns, dev, filter, || {
+            c.tcp_transfer(a, b, v6, "20M", T);
+        });
+        assert!(!big.is_empty(), "no coalesced TCP packets on {dev}");
+        assert!(big.iter().all(|p| p.version() == if v6 { 6 } else { 4 }));
+        c.tcp_transfer(b, a, v6, "20M", T);
+    }
+    // Lease: Go's exact JSON, BackendV6Data with the v6 device's port.
+    let key = lease_key(&c, 0);
+    assert_eq!(
+        c.etcd.get(&c.lease_key(0)).unwrap(),
+        format!(
+            r#"{{"PublicIP":"192.168.100.11","PublicIPv6":"fd00:100::11","BackendType":"wireguard","BackendData":{{"PublicKey":"{key}","Port":51820}},"BackendV6Data":{{"PublicKey":"{key}","Port":51821}}}}"#
+        )
+    );
+    // Two devices, as Go's separate mode: MTU, addresses, routes.
+    let ns = c.hosts[0].ns.clone();
+    for dev in ["flannel-wg", "flannel-wg-v6"] {
+        let link = ns.ip(&["link", "show", dev]);
+        assert!(link.contains("mtu 1420"), "{link}");
+    }
+    let sub6 = c.subnet6(0).expect("v6 subnet");
+    let addr6 = ns.ip(&["-6", "addr", "show", "flannel-wg-v6"]);
+    assert!(
+        addr6.contains(&format!("inet6 {}/128", sub6.network())),
+        "{addr6}"
+    );
+    let addr4 = ns.ip(&["addr", "show", "flannel-wg"]);
+    assert!(
+        addr4.contains(&format!("inet {}/32", c.subnet(0).network())),
+        "{addr4}"
+    );
+    assert!(!addr4.contains("inet6 fc00:5:"), "{addr4}");
+    let routes6 = ns.ip(&["-6", "route"]);
+    assert!(
+        routes6.contains("fc00:5::/48 dev flannel-wg-v6"),
+        "{routes6}"
+    );
+    assert!(ns
+        .ip(&["route"])
+        .contains("10.0.0.0/8 dev flannel-wg scope link"));
+    // Each device's own UAPI socket: port, v6 endpoints and v6 allowed-ips on flannel-wg-v6,
+    // v4 ones on flannel-wg, a completed handshake on both.
+    for (dev, port) in [("flannel-wg", "51820"), ("flannel-wg-v6", "51821")] {
+        let (d, peers) = dump(&mut c, 0, dev);
+        assert_eq!(d[1], key);
+        assert_eq!(d[2], port);
+        assert_eq!(peers.len(), 2, "{peers:?}");
+        for h in 1..3 {
+            let p = peers
+                .iter()
+                .find(|p| p[0] == lease_key(&c, h))
+                .unwrap_or_else(|| panic!("no peer for h{h} on {dev}: {peers:?}"));
+            let (ep, allowed) = if dev == "flannel-wg" {
+                (format!("{}:51820", c.hosts[h].ip), c.subnet(h).to_string())
+            } else {
+                (
+                    format!("[{}]:51821", c.hosts[h].ip6),
+                    c.subnet6(h).unwrap().to_string(),
+                )
+            };
+            assert_eq!(p[2], ep, "{dev}");
+            assert_eq!(p[3], allowed, "{dev}");
+            assert_ne!(p[4], "0", "{dev}: a handshake happened");
+        }
+    }
+    // The underlay: only WireGuard, v4 pods' packets on 51820 over IPv4, v6 pods' on 51821 over
+    // IPv6; never a pod's ICMP or ICMPv6.
+    let ul = c.underlay.clone();
+    let pkts = capture(&ul, "br0", &format!("(ip or ip6) and {NOT_TUNNEL}"), || {
+        ping_all(&c, true, true)
+    });
+    let v4: Vec<Packet> = pkts.iter().filter(|p| p.version() == 4).cloned().collect();
+    let v6: Vec<Packet> = pkts.iter().filter(|p| p.version() == 6).cloned().collect();
+    assert!(
+        v4.len() >= 24 && v6.len() >= 24,
+        "{} + {}",
+        v4.len(),
+        v6.len()
+    );
+    assert_eq!(v4.len() + v6.len(), pkts.len());
+    assert!(assert_only_wireguard(&v4, 51820).contains(&4));
+    assert!(assert_only_wireguard(&v6, 51821).contains(&4));
+    for p in &v6 {
+        let (src, _) = p.addrs().unwrap();
+        assert!(c.hosts.iter().any(|h| IpAddr::V6(h.ip6) == src), "{src}");
+    }
+}
+
+/// A single-device mode with IPv6 on: both families' pods through `flannel-wg`, every peer
+/// reached over the underlay family the mode picks (`ipv4` and `auto` here: v6 pods over a v4
+/// underlay; `ipv6`: v4 pods over a v6 underlay).
+fn single_device(mode: &str) {
+    let mut c = cluster_with(2, &dual_config(&format!(r#","Mode":"{mode}""#)));
+    c.add_pod(0);
+    c.add_pod(1);
+    c.wait_full_mesh(T);
+    c.wait_full_mesh6(T);
+    let ns = c.hosts[0].ns.clone();
+    assert!(!ns
+        .exec("ip", &["link", "show", "flannel-wg-v6"])
+        .status
+        .success());
+    let addrs = ns.ip(&["addr", "show", "flannel-wg"]);
+    assert!(addrs.contains(&format!("inet {}/32", c.subnet(0).network())));
+    assert!(addrs.contains(&format!("inet6 {}/128", c.subnet6(0).unwrap().network())));
+    assert!(ns
+        .ip(&["-6", "route"])
+        .contains("fc00:5::/48 dev flannel-wg"));
+    assert!(ns.ip(&["route"]).contains("10.0.0.0/8 dev flannel-wg"));
+    let v6_underlay = mode == "ipv6";
+    let (_, peers) = dump(&mut c, 0, "flannel-wg");
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    let ep = if v6_underlay {
+        format!("[{}]:51820", c.hosts[1].ip6)
+    } else {
+        format!("{}:51820", c.hosts[1].ip)
+    };
+    assert_eq!(peers[0][2], ep);
+    assert_eq!(
+        peers[0][3],
+        format!("{},{}", c.subnet(1), c.subnet6(1).unwrap())
+    );
+    // Both pod families cross the underlay in the mode's family only, as WireGuard.
+    let ul = c.underlay.clone();
+    let pkts = capture(&ul, "br0", &format!("(ip or ip6) and {NOT_TUNNEL}"), || {
+        ping_all(&c, true, true)
+    });
+    assert!(pkts.len() >= 8, "{} packets", pkts.len());
+    let want = if v6_underlay { 6 } else { 4 };
+    assert!(pkts.iter().all(|p| p.version() == want), "{pkts:02x?}");
+    assert!(assert_only_wireguard(&pkts, 51820).contains(&4));
+}
+
+#[test]
+fn single_device_mode_ipv4_carries_v6_pods_over_the_v4_underlay() {
+    single_device("ipv4");
+}
+
+#[test]
+fn single_device_mode_ipv6_carries_v4_pods_over_the_v6_underlay() {
+    single_device("ipv6");
+}
+
+/// `auto` with a private IPv4 (192.168.100.x) and a ULA IPv6 (fd00:100::x) underlay picks
+/// IPv4 endpoints, as Go's rule does.
+#[test]
+fn single_device_mode_auto_picks_v4_for_private_addresses() {
+    single_device("auto");
+}
+
+#[test]
+fn interop_with_wireguard_go_host_as_go_flannel_separate_mode_over_v6() {
+    let mut c = Cluster::new(3);
+    c.put_config(
+        None,
+        &format!(
+            r#"{{{NET},{NET6},"IPv6SubnetMin":"fc00:5:0:10::","IPv6SubnetMax":"fc00:5:0:90::","Backend":{{"Type":"wireguard"}}}}"#
+        ),
+    );
+    let hand = HandWg::start_dual(
+        &c,
+        2,
+        "10.95.0.0/20",
+        "10.0.0.0/8",
+        Some(HandV6 {
+            subnet: "fc00:5:0:95::/64",
+            network: "fc00:5::/48",
+        }),
+        None,
+    );
+    start(&mut c, 0);
+    start(&mut c, 1);
+    for h in 0..2 {
+        let key = lease_key(&c, h);
+        let v4 = (format!("{}:51820", c.hosts[h].ip), c.subnet(h).to_string());
+        let v6 = (
+            format!("[{}]:51821", c.hosts[h].ip6),
+            c.subnet6(h).expect("v6 subnet").to_string(),
+        );
+        hand.add_peer_on("flannel-wg", &key, &v4.0, &v4.1);
+        hand.add_peer_on("flannel-wg-v6", &key, &v6.0, &v6.1);
+    }
+    for h in 0..3 {
+        c.add_pod(h);
+    }
+    c.wait_full_mesh(T);
+    c.wait_full_mesh6(T);
+    // Our flannel-wg-v6 has the hand-made host's v6 device as a peer, over the v6 underlay.
+    let (_, peers) = dump(&mut c, 0, "flannel-wg-v6");
+    let p = peers
+        .iter()
+        .find(|p| p[0] == hand.public_key)
+        .unwrap_or_else(|| panic!("{peers:?}"));
+    assert_eq!(p[2], "[fd00:100::13]:51821");
+    assert_eq!(p[3], "fc00:5:0:95::/64");
+    assert_ne!(p[4], "0", "a handshake happened");
+    // wireguard-go completed handshakes with both of ours on both devices.
+    for dev in ["flannel-wg", "flannel-wg-v6"] {
+        let theirs = wg(hand.pid(), &["show", dev, "latest-handshakes"]);
+        assert_eq!(theirs.lines().count(), 2, "{dev}: {theirs}");
+        for l in theirs.lines() {
+            assert_ne!(l.split('\t').nth(1), Some("0"), "{dev}: {theirs}");
+        }
     }
 }

@@ -325,14 +325,72 @@ impl Cluster {
         wait_for(timeout, &what, || self.ping(from, to).then_some(()));
     }
 
+    /// Every (from, to) pair of pods on different hosts.
+    pub fn cross_host_pairs(&self) -> Vec<(usize, usize)> {
+        let n = self.pods.len();
+        (0..n)
+            .flat_map(|a| (0..n).map(move |b| (a, b)))
+            .filter(|&(a, b)| self.pods[a].host != self.pods[b].host)
+            .collect()
+    }
+
+    /// Sends `bytes` (iperf3 syntax, e.g. `20M`) over one TCP connection from pod `from` to
+    /// pod `to`'s IPv4 or IPv6 address with iperf3 (retrying the connection until the server
+    /// listens, up to `timeout`); returns the client's report. Panics if the transfer fails.
+    pub fn tcp_transfer(
+        &self,
+        from: usize,
+        to: usize,
+        v6: bool,
+        bytes: &str,
+        timeout: Duration,
+    ) -> String {
+        let ip = if v6 {
+            self.pods[to]
+                .ip6
+                .unwrap_or_else(|| panic!("{} has no IPv6 address", self.pods[to].label))
+                .to_string()
+        } else {
+            self.pods[to].ip.to_string()
+        };
+        let mut server = self.pods[to]
+            .ns
+            .command("iperf3")
+            .args(["-s", "-1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 (apt-get install iperf3)");
+        let what = format!("{} to send {bytes} to {ip}", self.pods[from].label);
+        let report = wait_for(timeout, &what, || {
+            let out = self.pods[from].ns.exec(
+                "iperf3",
+                &["-c", &ip, "-n", bytes, "--connect-timeout", "2000"],
+            );
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        });
+        let _ = server.kill();
+        let _ = server.wait();
+        report
+    }
+
     /// Waits until every pod reaches every pod on other hosts.
     pub fn wait_full_mesh(&self, timeout: Duration) {
-        for a in 0..self.pods.len() {
-            for b in 0..self.pods.len() {
-                if self.pods[a].host != self.pods[b].host {
-                    self.wait_ping(a, self.pods[b].ip, timeout);
-                }
-            }
+        for (a, b) in self.cross_host_pairs() {
+            self.wait_ping(a, self.pods[b].ip, timeout);
+        }
+    }
+
+    /// Waits until every pod reaches every pod on other hosts over IPv6 (dual-stack
+    /// networks); panics if a pod has no IPv6 address.
+    pub fn wait_full_mesh6(&self, timeout: Duration) {
+        for (a, b) in self.cross_host_pairs() {
+            let to = self.pods[b]
+                .ip6
+                .unwrap_or_else(|| panic!("{} has no IPv6 address", self.pods[b].label));
+            self.wait_ping6(a, to, timeout);
         }
     }
 }

@@ -5,6 +5,7 @@
 //! here adds links, routes, addresses or rules to the root namespace.
 
 pub mod bench;
+pub mod capture;
 pub mod cloud_aws;
 pub mod cloud_gce;
 pub mod cloud_tencent;

@@ -1,13 +1,14 @@
 //! Receive-side TCP coalescing for the TUN device (what the kernel's GRO does for a NIC).
 //!
-//! Consecutive in-order segments of one IPv4 TCP flow are merged into one super-packet and
-//! written to the TUN with a virtio-net header asking the kernel to treat it as GSO TCPv4 with a
-//! partial checksum, so the stack handles 64 KB at a time. Each packet is copied once, into its
+//! Consecutive in-order segments of one TCP flow (IPv4 or IPv6) are merged into one
+//! super-packet and written to the TUN with a virtio-net header asking the kernel to treat it as
+//! GSO TCPv4 (TCPv6) with a partial checksum, so the stack handles 64 KB at a time. Each packet is copied once, into its
 //! flow's buffer: no allocation per packet, and no checksum computation (the inner checksum was
 //! valid when sent; the outer UDP checksum, or WireGuard's AEAD, covered the trip).
 //!
-//! Rules (those of Linux's `tcp_gro_receive`): IPv4 without options, DF set, not a fragment;
-//! same addresses, ports, TOS, TTL, acknowledgement number, window, data offset and options;
+//! Rules (those of Linux's `tcp_gro_receive`): IPv4 without options, DF set, not a fragment, or
+//! IPv6 without extension headers; same addresses, ports, TOS, TTL (traffic class, flow label,
+//! hop limit), acknowledgement number, window, data offset and options;
 //! only ACK (and PSH, which ends the super-packet) set; the sequence number continues the flow;
 //! every segment but the last has the first one's size; at most 64 KB in all.
 
@@ -17,17 +18,23 @@ use tun_rs::VIRTIO_NET_HDR_LEN;
 const MAX_FLOWS: usize = 8;
 /// The largest IPv4 packet.
 const MAX_PACKET: usize = 65_535;
+/// A flow buffer: the virtio-net header and the largest IPv6 super-packet (header + 64 KB).
+const MAX_BUF: usize = VIRTIO_NET_HDR_LEN + 40 + MAX_PACKET;
 
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
+/// A flow's key: IP version, addresses, ports (IPv4 uses the first 13 bytes, the rest is 0).
+type Key = [u8; 37];
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 
 /// One flow being coalesced: `buf` is a virtio-net header followed by the super-packet.
 struct Flow {
-    /// Source and destination address and port (12 bytes).
-    key: [u8; 12],
+    key: Key,
     buf: Vec<u8>,
+    /// IP header length: 20 (IPv4) or 40 (IPv6).
+    ip_len: usize,
     /// IP + TCP header length.
     hdr_len: usize,
     /// Payload size of the first segment (the GSO size).
@@ -48,48 +55,80 @@ impl Default for Coalescer {
         Coalescer {
             flows: Vec::with_capacity(MAX_FLOWS),
             spare: (0..MAX_FLOWS)
-                .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET))
+                .map(|_| Vec::with_capacity(MAX_BUF))
                 .collect(),
-            single: Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET),
+            single: Vec::with_capacity(MAX_BUF),
         }
     }
 }
 
 /// What the coalescer needs to know of a TCP segment.
 struct Segment {
-    key: [u8; 12],
+    key: Key,
+    ip_len: usize,
     hdr_len: usize,
     seq: u32,
     flags: u8,
     payload: usize,
 }
 
-/// Parses `pkt` if it is an IPv4 TCP segment that may be coalesced.
+/// The flow key of an IPv4 or IPv6 packet with `ip_len` bytes of IP header (ports are read
+/// from just after it, whatever the protocol).
+#[inline]
+fn flow_key(pkt: &[u8], ip_len: usize) -> Option<Key> {
+    let mut key = [0u8; 37];
+    key[0] = pkt[0] >> 4;
+    let (addrs, n) = if ip_len == 20 {
+        (pkt.get(12..20)?, 8)
+    } else {
+        (pkt.get(8..40)?, 32)
+    };
+    key[1..1 + n].copy_from_slice(addrs);
+    key[1 + n..5 + n].copy_from_slice(pkt.get(ip_len..ip_len + 4)?);
+    Some(key)
+}
+
+/// Parses `pkt` if it is an IPv4 or IPv6 TCP segment that may be coalesced.
 fn segment(pkt: &[u8]) -> Option<Segment> {
-    if pkt.len() < 40 || pkt[0] != 0x45 || pkt[9] != 6 {
+    let ip_len = match pkt.first()? {
+        0x45 => {
+            if pkt.len() < 40 || pkt[9] != 6 {
+                return None;
+            }
+            let total = u16::from_be_bytes([pkt[2], pkt[3]]) as usize;
+            // DF set, MF clear, offset 0.
+            if total != pkt.len() || pkt[6] & 0x7f != 0x40 || pkt[7] != 0 {
+                return None;
+            }
+            20
+        }
+        b if b >> 4 == 6 => {
+            // Next header TCP (no extension headers), payload length consistent.
+            if pkt.len() < 60
+                || pkt[6] != 6
+                || u16::from_be_bytes([pkt[4], pkt[5]]) as usize != pkt.len() - 40
+            {
+                return None;
+            }
+            40
+        }
+        _ => return None,
+    };
+    let t = &pkt[ip_len..];
+    let doff = (t[12] >> 4) as usize * 4;
+    if doff < 20 || ip_len + doff > pkt.len() {
         return None;
     }
-    let total = u16::from_be_bytes([pkt[2], pkt[3]]) as usize;
-    // DF set, MF clear, offset 0.
-    if total != pkt.len() || pkt[6] & 0x7f != 0x40 || pkt[7] != 0 {
-        return None;
-    }
-    let doff = (pkt[32] >> 4) as usize * 4;
-    if doff < 20 || 20 + doff > pkt.len() {
-        return None;
-    }
-    let flags = pkt[33];
-    let payload = pkt.len() - 20 - doff;
+    let flags = t[13];
+    let payload = pkt.len() - ip_len - doff;
     if payload == 0 || flags & !(TCP_ACK | TCP_PSH) != 0 || flags & TCP_ACK == 0 {
         return None;
     }
-    let mut key = [0u8; 12];
-    key[..8].copy_from_slice(&pkt[12..20]);
-    key[8..].copy_from_slice(&pkt[20..24]);
     Some(Segment {
-        key,
-        hdr_len: 20 + doff,
-        seq: u32::from_be_bytes([pkt[24], pkt[25], pkt[26], pkt[27]]),
+        key: flow_key(pkt, ip_len)?,
+        ip_len,
+        hdr_len: ip_len + doff,
+        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
         flags,
         payload,
     })
@@ -100,24 +139,40 @@ impl Flow {
         &self.buf[VIRTIO_NET_HDR_LEN..]
     }
 
-    /// Whether `pkt` (parsed as `s`) continues this flow.
+    /// Whether `pkt` (parsed as `s`) continues this flow (same key, hence same family).
     fn accepts(&self, pkt: &[u8], s: &Segment) -> bool {
         let first = self.packet();
+        let ip = self.ip_len;
+        let same_ip = if ip == 20 {
+            // TOS, and TTL (protocol already equal)
+            pkt[1] == first[1] && pkt[8] == first[8]
+        } else {
+            // traffic class and flow label, hop limit
+            pkt[..4] == first[..4] && pkt[7] == first[7]
+        };
         s.hdr_len == self.hdr_len
             && s.seq == self.next_seq
             && s.payload <= self.mss
-            && first.len() + s.payload <= MAX_PACKET
+            && first.len() + s.payload <= self.max_len()
             && self.segments < u16::MAX
-            // TOS, and TTL (protocol already equal)
-            && pkt[1] == first[1]
-            && pkt[8] == first[8]
+            && same_ip
             // acknowledgement number, data offset, flags but PSH, window
-            && pkt[28..32] == first[28..32]
-            && pkt[32] == first[32]
-            && pkt[33] & !TCP_PSH == first[33] & !TCP_PSH
-            && pkt[34..36] == first[34..36]
+            && pkt[ip + 8..ip + 12] == first[ip + 8..ip + 12]
+            && pkt[ip + 12] == first[ip + 12]
+            && pkt[ip + 13] & !TCP_PSH == first[ip + 13] & !TCP_PSH
+            && pkt[ip + 14..ip + 16] == first[ip + 14..ip + 16]
             // options
-            && pkt[40..s.hdr_len] == first[40..self.hdr_len]
+            && pkt[ip + 20..s.hdr_len] == first[ip + 20..self.hdr_len]
+    }
+
+    /// The largest super-packet: its IP length field is 16 bits (IPv4: the whole packet,
+    /// IPv6: the payload).
+    fn max_len(&self) -> usize {
+        if self.ip_len == 20 {
+            MAX_PACKET
+        } else {
+            MAX_PACKET + 40
+        }
     }
 }
 
@@ -146,11 +201,15 @@ impl Coalescer {
     pub fn push(&mut self, pkt: &[u8], write: &mut dyn FnMut(&[u8])) {
         let Some(s) = segment(pkt) else {
             // Not coalescable: whatever its flow holds goes first, to keep the order.
-            if pkt.len() >= 24 && pkt[0] >> 4 == 4 {
-                let mut key = [0u8; 12];
-                key[..8].copy_from_slice(&pkt[12..20]);
-                key[8..].copy_from_slice(&pkt[20..24]);
-                self.flush_key(&key, write);
+            if !self.flows.is_empty() {
+                let key = match pkt.first().map(|b| b >> 4) {
+                    Some(4) => flow_key(pkt, (pkt[0] & 0xf) as usize * 4),
+                    Some(6) => flow_key(pkt, 40),
+                    _ => None,
+                };
+                if let Some(key) = key {
+                    self.flush_key(&key, write);
+                }
             }
             self.write_single(pkt, write);
             return;
@@ -162,7 +221,7 @@ impl Coalescer {
                 f.next_seq = s.seq.wrapping_add(s.payload as u32);
                 f.segments += 1;
                 if s.flags & TCP_PSH != 0 {
-                    f.buf[VIRTIO_NET_HDR_LEN + 33] |= TCP_PSH;
+                    f.buf[VIRTIO_NET_HDR_LEN + f.ip_len + 13] |= TCP_PSH;
                 }
                 if s.flags & TCP_PSH != 0 || s.payload < f.mss {
                     self.flush_at(i, write);
@@ -181,13 +240,14 @@ impl Coalescer {
         let mut buf = self
             .spare
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET));
+            .unwrap_or_else(|| Vec::with_capacity(MAX_BUF));
         buf.clear();
         buf.resize(VIRTIO_NET_HDR_LEN, 0);
         buf.extend_from_slice(pkt);
         self.flows.push(Flow {
             key: s.key,
             buf,
+            ip_len: s.ip_len,
             hdr_len: s.hdr_len,
             mss: s.payload,
             next_seq: s.seq.wrapping_add(s.payload as u32),
@@ -202,7 +262,7 @@ impl Coalescer {
         }
     }
 
-    fn flush_key(&mut self, key: &[u8; 12], write: &mut dyn FnMut(&[u8])) {
+    fn flush_key(&mut self, key: &Key, write: &mut dyn FnMut(&[u8])) {
         if let Some(i) = self.flows.iter().position(|f| f.key == *key) {
             self.flush_at(i, write);
         }
@@ -218,24 +278,29 @@ impl Coalescer {
     fn flush_at(&mut self, i: usize, write: &mut dyn FnMut(&[u8])) {
         let mut f = self.flows.remove(i);
         if f.segments > 1 {
-            let hdr_len = f.hdr_len;
-            let mss = f.mss;
+            let (hdr_len, mss, ip) = (f.hdr_len, f.mss, f.ip_len);
             let p = &mut f.buf[VIRTIO_NET_HDR_LEN..];
             let total = p.len();
-            p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-            p[10..12].copy_from_slice(&[0, 0]);
-            let ip_sum = !fold(sum16(&p[..20], 0));
-            p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+            let tcp_len = (total - ip) as u32;
+            let (gso, addrs) = if ip == 20 {
+                p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+                p[10..12].copy_from_slice(&[0, 0]);
+                let ip_sum = !fold(sum16(&p[..20], 0));
+                p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+                (VIRTIO_NET_HDR_GSO_TCPV4, 12..20)
+            } else {
+                p[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+                (VIRTIO_NET_HDR_GSO_TCPV6, 8..40)
+            };
             // CHECKSUM_PARTIAL: the TCP checksum field holds the folded pseudo-header sum.
-            let tcp_len = (total - 20) as u32;
-            let pseudo = fold(sum16(&p[12..20], 6 + tcp_len));
-            p[36..38].copy_from_slice(&pseudo.to_be_bytes());
+            let pseudo = fold(sum16(&p[addrs], 6 + tcp_len));
+            p[ip + 16..ip + 18].copy_from_slice(&pseudo.to_be_bytes());
             let h = &mut f.buf[..VIRTIO_NET_HDR_LEN];
             h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-            h[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+            h[1] = gso;
             h[2..4].copy_from_slice(&(hdr_len as u16).to_le_bytes());
             h[4..6].copy_from_slice(&(mss as u16).to_le_bytes());
-            h[6..8].copy_from_slice(&20u16.to_le_bytes());
+            h[6..8].copy_from_slice(&(ip as u16).to_le_bytes());
             h[8..10].copy_from_slice(&16u16.to_le_bytes());
         }
         write(&f.buf);
@@ -357,6 +422,86 @@ mod tests {
         let out = run(std::slice::from_ref(&udp));
         assert_eq!(&out[0][..VIRTIO_NET_HDR_LEN], &[0u8; VIRTIO_NET_HDR_LEN]);
         assert_eq!(&out[0][VIRTIO_NET_HDR_LEN..], &udp[..]);
+    }
+
+    /// An IPv6 TCP segment fc00::1:1000 -> fc00::2:2000 with a valid checksum.
+    fn tcp6(seq: u32, payload: &[u8], flags: u8) -> Vec<u8> {
+        let total = 40 + 20 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+        p[6] = 6;
+        p[7] = 64;
+        p[8..10].copy_from_slice(&[0xfc, 0]);
+        p[23] = 1;
+        p[24..26].copy_from_slice(&[0xfc, 0]);
+        p[39] = 2;
+        p[40..42].copy_from_slice(&1000u16.to_be_bytes());
+        p[42..44].copy_from_slice(&2000u16.to_be_bytes());
+        p[44..48].copy_from_slice(&seq.to_be_bytes());
+        p[48..52].copy_from_slice(&7u32.to_be_bytes());
+        p[52] = 5 << 4;
+        p[53] = flags;
+        p[54..56].copy_from_slice(&500u16.to_be_bytes());
+        p[60..].copy_from_slice(payload);
+        let sum = !fold(sum16(&p[40..], sum16(&p[8..40], 6 + (total - 40) as u32)));
+        p[56..58].copy_from_slice(&sum.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn ipv6_segments_become_one_gso_tcpv6_packet_with_a_partial_checksum() {
+        let a = [1u8; 100];
+        let b = [2u8; 100];
+        let c = [3u8; 40];
+        let out = run(&[
+            tcp6(1, &a, TCP_ACK),
+            tcp6(101, &b, TCP_ACK),
+            tcp6(201, &c, TCP_ACK | TCP_PSH),
+        ]);
+        assert_eq!(out.len(), 1);
+        let (h, p) = out[0].split_at(VIRTIO_NET_HDR_LEN);
+        assert_eq!(h[0], VIRTIO_NET_HDR_F_NEEDS_CSUM);
+        assert_eq!(h[1], VIRTIO_NET_HDR_GSO_TCPV6);
+        assert_eq!(u16::from_le_bytes([h[2], h[3]]), 60, "header length");
+        assert_eq!(u16::from_le_bytes([h[4], h[5]]), 100, "MSS");
+        assert_eq!(u16::from_le_bytes([h[6], h[7]]), 40, "checksum start");
+        assert_eq!(u16::from_le_bytes([h[8], h[9]]), 16, "checksum offset");
+        assert_eq!(p.len(), 60 + 240);
+        assert_eq!(u16::from_be_bytes([p[4], p[5]]) as usize, p.len() - 40);
+        assert_eq!(p[53], TCP_ACK | TCP_PSH);
+        assert_eq!(&p[60..160], &a[..]);
+        assert_eq!(&p[260..], &c[..]);
+        let mut q = p.to_vec();
+        let partial = u16::from_be_bytes([q[56], q[57]]);
+        q[56..58].copy_from_slice(&[0, 0]);
+        let full = !fold(sum16(&q[40..], u32::from(partial)));
+        q[56..58].copy_from_slice(&full.to_be_bytes());
+        let tcp_len = (q.len() - 40) as u32;
+        assert_eq!(fold(sum16(&q[40..], sum16(&q[8..40], 6 + tcp_len))), 0xffff);
+        // A different hop limit, a gap, or an extension header: not merged.
+        let mut other = tcp6(101, &b, TCP_ACK);
+        other[7] = 63;
+        assert_eq!(run(&[tcp6(1, &a, TCP_ACK), other]).len(), 2);
+        assert_eq!(
+            run(&[tcp6(1, &a, TCP_ACK), tcp6(500, &b, TCP_ACK)]).len(),
+            2
+        );
+        let mut ext = tcp6(1, &a, TCP_ACK);
+        ext[6] = 0;
+        let out = run(std::slice::from_ref(&ext));
+        assert_eq!(&out[0][VIRTIO_NET_HDR_LEN..], &ext[..]);
+        // IPv4 and IPv6 flows side by side keep their own order.
+        let out = run(&[
+            tcp6(1, &a, TCP_ACK),
+            tcp(1, &a, TCP_ACK, &[]),
+            tcp6(101, &b, TCP_ACK),
+            tcp(101, &b, TCP_ACK, &[]),
+        ]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0][VIRTIO_NET_HDR_LEN] >> 4, 6);
+        assert_eq!(out[0].len(), VIRTIO_NET_HDR_LEN + 60 + 200);
+        assert_eq!(out[1].len(), VIRTIO_NET_HDR_LEN + 40 + 200);
     }
 
     #[test]

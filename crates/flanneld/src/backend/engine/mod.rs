@@ -24,13 +24,12 @@ pub mod sock;
 pub mod steer;
 
 use std::io;
-use std::net::SocketAddrV4;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use tun_rs::{DeviceBuilder, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
-use sock::{MultiRecv, MultiSend, UdpSock, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
+use sock::{MultiRecv, MultiSend, SockAddr, UdpSock, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 
 /// Which data path to run (env `FLANNEL_UDP_DATAPATH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,23 +70,23 @@ impl Mode {
     }
 }
 
-/// What to do with one packet read from the TUN.
+/// What to do with one packet read from the TUN; `A` is the codec's socket address type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tx {
+pub enum Tx<A> {
     /// Nothing is sent.
     Drop,
     /// Send the packet itself (possibly modified in place) to this address.
-    InPlace(SocketAddrV4),
+    InPlace(A),
     /// Send the first `usize` bytes of the packet's output buffer to this address.
-    Encoded(SocketAddrV4, usize),
+    Encoded(A, usize),
 }
 
 /// What handling a datagram produced.
-pub enum Emit<'a> {
+pub enum Emit<'a, A> {
     /// An IP packet for the TUN.
     Tun(&'a [u8]),
     /// A datagram to send back to the network.
-    Net(SocketAddrV4, &'a [u8]),
+    Net(A, &'a [u8]),
 }
 
 /// What a backend puts on the wire: the engine moves packets, the codec decides what they
@@ -95,6 +94,9 @@ pub enum Emit<'a> {
 pub trait Codec: Send + Sync + 'static {
     /// Per-worker state (scratch buffers).
     type Local: Send + 'static;
+    /// Peer addresses: `SocketAddrV4` for an IPv4-only backend (no cost for IPv6 on its
+    /// packet path), `SocketAddr` for both families on one dual-stack socket.
+    type Addr: SockAddr;
     /// Bytes an encoded datagram may need beyond the packet (0: packets are sent in place).
     const ROOM: usize;
     /// The backend's name, for the data-path metrics.
@@ -111,17 +113,17 @@ pub trait Codec: Send + Sync + 'static {
         pkts: &mut [Vec<u8>],
         sizes: &[usize],
         outs: &mut [Vec<u8>],
-        verdicts: &mut [Tx],
+        verdicts: &mut [Tx<Self::Addr>],
         reply: &mut dyn FnMut(&[u8]),
     );
     /// Handles one datagram from `src`; `scratch` is a 64 KB work buffer.
     fn inbound(
         &self,
         local: &mut Self::Local,
-        src: SocketAddrV4,
+        src: Self::Addr,
         dgram: &mut [u8],
         scratch: &mut [u8],
-        emit: &mut dyn FnMut(Emit<'_>),
+        emit: &mut dyn FnMut(Emit<'_, Self::Addr>),
     );
 }
 
@@ -185,7 +187,7 @@ fn open_tun_now(name: &str, mode: Mode, queues: usize) -> io::Result<(Vec<SyncDe
 pub fn start<C: Codec>(
     devs: Vec<SyncDevice>,
     mode: Mode,
-    bind: SocketAddrV4,
+    bind: C::Addr,
     mtu: usize,
     codec: Arc<C>,
 ) -> io::Result<(Running, UdpSock)> {
@@ -290,11 +292,11 @@ struct Worker<C: Codec> {
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
     outs: Vec<Vec<u8>>,
-    verdicts: Vec<Tx>,
+    verdicts: Vec<Tx<C::Addr>>,
     tmp: Vec<u8>,
-    out: MultiSend,
+    out: MultiSend<C::Addr>,
     // UDP -> TUN
-    rx: MultiRecv,
+    rx: MultiRecv<C::Addr>,
     rx_out: Vec<Vec<u8>>,
     scratch: Vec<u8>,
     gro_table: GROTable,
@@ -325,6 +327,7 @@ impl<C: Codec> Worker<C> {
             0
         };
         let local = codec.local();
+        let family = sock.family();
         Worker {
             dev,
             sock,
@@ -339,7 +342,7 @@ impl<C: Codec> Worker<C> {
             outs: (0..batch).map(|_| vec![0u8; out_len]).collect(),
             verdicts: vec![Tx::Drop; batch],
             tmp: Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65_535),
-            out: MultiSend::new(),
+            out: MultiSend::new(family),
             rx: MultiRecv::new(rx_batch, rx_size),
             rx_out: (0..if offload { RX_OUT } else { 0 })
                 .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65_535))
@@ -441,7 +444,7 @@ impl<C: Codec> Worker<C> {
         if dropped > 0 {
             self.counters.drop_no_peer.inc_by(dropped as u64);
         }
-        let datagram = |i: usize| -> Option<(SocketAddrV4, &[u8])> {
+        let datagram = |i: usize| -> Option<(C::Addr, &[u8])> {
             match self.verdicts[i] {
                 Tx::Drop => None,
                 Tx::InPlace(p) => Some((p, &self.bufs[i][..self.sizes[i]])),
@@ -490,9 +493,12 @@ impl<C: Codec> Worker<C> {
                     break; // a shorter segment must be the last one
                 }
             }
-            self.out.push(peer, &segs[..nseg]);
-            sent += nseg as u64;
-            sent_bytes += bytes as u64;
+            if self.out.push(peer, &segs[..nseg]) {
+                sent += nseg as u64;
+                sent_bytes += bytes as u64;
+            } else {
+                self.counters.drop_send.inc_by(nseg as u64);
+            }
             i = j;
         }
         match self.out.flush(&self.sock) {
@@ -546,7 +552,7 @@ impl<C: Codec> Worker<C> {
             for chunk in data.chunks_mut(seg) {
                 datagrams += 1;
                 bytes += chunk.len() as u64;
-                let mut emit = |e: Emit<'_>| match e {
+                let mut emit = |e: Emit<'_, C::Addr>| match e {
                     Emit::Tun(pkt) => {
                         if !offload {
                             if let Err(e) = dev.send(pkt) {

@@ -19,6 +19,7 @@ pub struct UdpCodec {
 impl Codec for UdpCodec {
     /// The ICMP reply buffer.
     type Local = Vec<u8>;
+    type Addr = SocketAddrV4;
     const ROOM: usize = 0;
     const NAME: &'static str = "udp";
 
@@ -32,7 +33,7 @@ impl Codec for UdpCodec {
         pkts: &mut [Vec<u8>],
         sizes: &[usize],
         _outs: &mut [Vec<u8>],
-        verdicts: &mut [Tx],
+        verdicts: &mut [Tx<SocketAddrV4>],
         reply: &mut dyn FnMut(&[u8]),
     ) {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
@@ -60,7 +61,7 @@ impl Codec for UdpCodec {
         _src: SocketAddrV4,
         dgram: &mut [u8],
         _scratch: &mut [u8],
-        emit: &mut dyn FnMut(Emit<'_>),
+        emit: &mut dyn FnMut(Emit<'_, SocketAddrV4>),
     ) {
         if decrement_ttl(dgram) {
             emit(Emit::Tun(dgram));

@@ -8,10 +8,14 @@
 //! timer thread drives each peer's handshake, rekey and keepalive timers, and every peer gets
 //! a handshake initiation as soon as it is configured, so sessions exist before the first
 //! packet (and are re-established at once after a restart).
+//!
+//! Both families, as the kernel's WireGuard: the TUN carries IPv4 and IPv6 pod packets
+//! (allowed-ips tables per family), and the UDP sockets are dual-stack `[::]:port`, so a
+//! peer's endpoint may be IPv4 or IPv6 (the single device of `auto` mode can have both kinds
+//! of peers at once).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -19,55 +23,88 @@ use async_trait::async_trait;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::datapath::{WgDataPath, WgDeviceConfig, WgKey, WgPeer};
 use crate::backend::engine::{self, sock::UdpSock, Codec, Emit, Mode, Running, Tx};
 use crate::backend::udp::packet::ipv4_dst;
-use crate::backend::udp::routes::RouteTable;
+use crate::backend::udp::routes::{Prefix, RouteTable};
 use crate::backend::BackendError;
 
 fn err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Other(e.to_string())
 }
 
-/// An IPv4 endpoint packed in a u64 (bit 48 = set), readable without a lock.
-struct Endpoint(AtomicU64);
+/// The destination of an IPv6 packet (`None` if it is not one).
+fn ipv6_dst(pkt: &[u8]) -> Option<u128> {
+    let d: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
+    (pkt[0] >> 4 == 6).then(|| u128::from_be_bytes(d))
+}
 
-impl Endpoint {
-    fn new(e: Option<SocketAddrV4>) -> Self {
-        let ep = Endpoint(AtomicU64::new(0));
-        ep.set(e);
-        ep
-    }
-    fn set(&self, e: Option<SocketAddrV4>) {
-        let v = e.map_or(0, |a| {
-            1 << 48 | (u32::from(*a.ip()) as u64) << 16 | a.port() as u64
-        });
-        self.0.store(v, Ordering::Relaxed);
-    }
-    fn get(&self) -> Option<SocketAddrV4> {
-        let v = self.0.load(Ordering::Relaxed);
-        (v >> 48 == 1).then(|| SocketAddrV4::new(Ipv4Addr::from((v >> 16) as u32), v as u16))
-    }
+/// A peer's session and where it is reached, under one lock: every packet to or from the peer
+/// takes the session's lock anyway, so the endpoint (updated by every authenticated packet,
+/// when the peer roams) costs nothing extra.
+struct Session {
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
 }
 
 /// One configured peer.
 struct Peer {
     config: Mutex<WgPeer>,
-    endpoint: Endpoint,
-    tunn: Mutex<Tunn>,
+    session: Mutex<Session>,
 }
 
-/// The device: keys, peers and the allowed-ips table.
+impl Peer {
+    fn endpoint(&self) -> Option<SocketAddr> {
+        lock(&self.session).endpoint
+    }
+}
+
+/// The device: keys, peers and the allowed-ips tables.
 struct Inner {
     private: StaticSecret,
     public: PublicKey,
     listen_port: u16,
     peers: HashMap<u32, Arc<Peer>>,
     by_key: HashMap<WgKey, u32>,
-    allowed: RouteTable<u32>,
+    allowed4: RouteTable<u32, Ipv4Net>,
+    allowed6: RouteTable<u32, Ipv6Net>,
     next_index: u32,
+}
+
+impl Inner {
+    /// The peer whose allowed-ips hold the packet's destination.
+    #[inline]
+    fn route(&self, pkt: &[u8]) -> Option<u32> {
+        match pkt.first()? >> 4 {
+            4 => self.allowed4.lookup(ipv4_dst(pkt)?),
+            6 => self.allowed6.lookup(ipv6_dst(pkt)?),
+            _ => None,
+        }
+    }
+}
+
+/// Gives `index` exactly `nets` in `table`: what it had goes, and a subnet moves from any
+/// other peer to it.
+fn replace_allowed<P: Prefix>(table: &mut RouteTable<u32, P>, index: u32, nets: &[P]) {
+    for (net, owner) in table.entries() {
+        if owner == index || nets.contains(&net) {
+            table.remove(net);
+        }
+    }
+    for n in nets {
+        table.insert(*n, index);
+    }
+}
+
+/// Removes every allowed IP of peer `index`.
+fn remove_allowed<P: Prefix>(table: &mut RouteTable<u32, P>, index: u32) {
+    for (net, owner) in table.entries() {
+        if owner == index {
+            table.remove(net);
+        }
+    }
 }
 
 /// How long after start packets without a peer are held (not dropped) for the peers that
@@ -83,16 +120,6 @@ pub struct WgCodec {
     held: Mutex<Vec<Vec<u8>>>,
 }
 
-fn v4_endpoint(e: Option<SocketAddr>) -> Result<Option<SocketAddrV4>, String> {
-    match e {
-        None => Ok(None),
-        Some(SocketAddr::V4(a)) => Ok(Some(a)),
-        Some(SocketAddr::V6(a)) => Err(format!(
-            "endpoint {a}: the user-space WireGuard data path is IPv4 only"
-        )),
-    }
-}
-
 impl WgCodec {
     fn new(private: WgKey, listen_port: u16) -> Self {
         let private = StaticSecret::from(private);
@@ -103,7 +130,8 @@ impl WgCodec {
                 listen_port,
                 peers: HashMap::new(),
                 by_key: HashMap::new(),
-                allowed: RouteTable::default(),
+                allowed4: RouteTable::default(),
+                allowed6: RouteTable::default(),
                 next_index: 1,
             }),
             hold_until: std::time::Instant::now() + HOLD_AFTER_START,
@@ -130,7 +158,7 @@ impl WgCodec {
         let g = self.read();
         let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut *h)
             .into_iter()
-            .partition(|p| ipv4_dst(p).and_then(|d| g.allowed.lookup(d)) == Some(index));
+            .partition(|p| g.route(p) == Some(index));
         *h = rest;
         mine
     }
@@ -155,22 +183,20 @@ impl WgCodec {
         g.public = public;
         g.private = private.clone();
         for p in g.peers.values() {
-            lock(&p.tunn).set_static_private(private.clone(), public, None);
+            lock(&p.session)
+                .tunn
+                .set_static_private(private.clone(), public, None);
         }
     }
 
     /// Adds or updates a peer; returns it and its index.
-    fn set_peer(&self, peer: &WgPeer) -> Result<(u32, Arc<Peer>), String> {
-        let endpoint = v4_endpoint(peer.endpoint)?;
-        let mut nets = vec![];
+    fn set_peer(&self, peer: &WgPeer) -> (u32, Arc<Peer>) {
+        let mut nets4 = vec![];
+        let mut nets6 = vec![];
         for n in &peer.allowed_ips {
             match n {
-                IpNet::V4(n) => nets.push(n.trunc()),
-                IpNet::V6(n) => {
-                    tracing::warn!(
-                        "wireguard: allowed IP {n} ignored: the user-space data path is IPv4 only"
-                    )
-                }
+                IpNet::V4(n) => nets4.push(n.trunc()),
+                IpNet::V6(n) => nets6.push(n.trunc()),
             }
         }
         let mut g = self.write();
@@ -186,15 +212,8 @@ impl WgCodec {
                 i
             }
         };
-        // allowed-ips: replace what this peer had; a subnet moves from any other peer to it.
-        for (net, owner) in g.allowed.entries() {
-            if owner == index || nets.contains(&net) {
-                g.allowed.remove(net);
-            }
-        }
-        for n in &nets {
-            g.allowed.insert(*n, index);
-        }
+        replace_allowed(&mut g.allowed4, index, &nets4);
+        replace_allowed(&mut g.allowed6, index, &nets6);
         let fresh_tunn = || {
             Tunn::new(
                 g.private.clone(),
@@ -208,28 +227,32 @@ impl WgCodec {
         let p = match existing.and_then(|i| g.peers.get(&i).cloned()) {
             Some(p) => {
                 let mut cfg = lock(&p.config);
+                let mut session = lock(&p.session);
                 if cfg.preshared_key != peer.preshared_key
                     || cfg.keepalive_secs != peer.keepalive_secs
                 {
-                    *lock(&p.tunn) = fresh_tunn();
+                    session.tunn = fresh_tunn();
                 }
+                session.endpoint = peer.endpoint;
+                drop(session);
                 *cfg = peer.clone();
                 drop(cfg);
-                p.endpoint.set(endpoint);
                 p
             }
             None => {
                 let p = Arc::new(Peer {
                     config: Mutex::new(peer.clone()),
-                    endpoint: Endpoint::new(endpoint),
-                    tunn: Mutex::new(fresh_tunn()),
+                    session: Mutex::new(Session {
+                        tunn: fresh_tunn(),
+                        endpoint: peer.endpoint,
+                    }),
                 });
                 g.peers.insert(index, p.clone());
                 g.by_key.insert(peer.public_key, index);
                 p
             }
         };
-        Ok((index, p))
+        (index, p)
     }
 
     /// Removes a peer and its allowed-ips.
@@ -237,11 +260,8 @@ impl WgCodec {
         let mut g = self.write();
         if let Some(i) = g.by_key.remove(key) {
             g.peers.remove(&i);
-            for (net, owner) in g.allowed.entries() {
-                if owner == i {
-                    g.allowed.remove(net);
-                }
-            }
+            remove_allowed(&mut g.allowed4, i);
+            remove_allowed(&mut g.allowed6, i);
         }
     }
 
@@ -250,23 +270,31 @@ impl WgCodec {
         let mut g = self.write();
         g.peers.clear();
         g.by_key.clear();
-        g.allowed = RouteTable::default();
+        g.allowed4 = RouteTable::default();
+        g.allowed6 = RouteTable::default();
     }
 
     /// The configured peers, with allowed-ips as the table has them.
     pub fn peers(&self) -> Vec<WgPeer> {
         let g = self.read();
-        let entries = g.allowed.entries();
+        let entries4 = g.allowed4.entries();
+        let entries6 = g.allowed6.entries();
         let mut out: Vec<WgPeer> = g
             .peers
             .iter()
             .map(|(i, p)| {
                 let mut c = lock(&p.config).clone();
-                c.endpoint = p.endpoint.get().map(SocketAddr::V4);
-                c.allowed_ips = entries
+                c.endpoint = p.endpoint();
+                c.allowed_ips = entries4
                     .iter()
                     .filter(|(_, o)| o == i)
                     .map(|(n, _)| IpNet::V4(*n))
+                    .chain(
+                        entries6
+                            .iter()
+                            .filter(|(_, o)| o == i)
+                            .map(|(n, _)| IpNet::V6(*n)),
+                    )
                     .collect();
                 c
             })
@@ -291,7 +319,7 @@ impl WgCodec {
                     .get(&cfg.public_key)
                     .and_then(|i| g.peers.get(i))
                     .map(|p| {
-                        let (t, tx, rx, _, _) = lock(&p.tunn).stats();
+                        let (t, tx, rx, _, _) = lock(&p.session).tunn.stats();
                         (t.map(|d| SystemTime::now() - d), tx, rx)
                     })
                     .unwrap_or((None, 0, 0));
@@ -352,6 +380,7 @@ pub struct DeviceStatus {
 
 impl Codec for WgCodec {
     type Local = ();
+    type Addr = SocketAddr;
     /// Message header (16) + tag (16) + padding to 16 bytes.
     const ROOM: usize = 48;
     const NAME: &'static str = "wireguard";
@@ -364,12 +393,12 @@ impl Codec for WgCodec {
         pkts: &mut [Vec<u8>],
         sizes: &[usize],
         outs: &mut [Vec<u8>],
-        verdicts: &mut [Tx],
+        verdicts: &mut [Tx<SocketAddr>],
         _reply: &mut dyn FnMut(&[u8]),
     ) {
         let g = self.read();
         let n = pkts.len();
-        let route = |pkt: &[u8]| ipv4_dst(pkt).and_then(|d| g.allowed.lookup(d));
+        let route = |pkt: &[u8]| g.route(pkt);
         let mut i = 0;
         while i < n {
             verdicts[i] = Tx::Drop;
@@ -382,14 +411,14 @@ impl Codec for WgCodec {
                 i += 1;
                 continue;
             };
-            let ep = peer.endpoint.get();
             // Consecutive packets to the same peer share one lock of its session.
-            let mut tunn = lock(&peer.tunn);
+            let mut session = lock(&peer.session);
+            let ep = session.endpoint;
             let mut j = i;
             loop {
                 if let Some(ep) = ep {
                     if let TunnResult::WriteToNetwork(b) =
-                        tunn.encapsulate(&pkts[j][..sizes[j]], &mut outs[j])
+                        session.tunn.encapsulate(&pkts[j][..sizes[j]], &mut outs[j])
                     {
                         verdicts[j] = Tx::Encoded(ep, b.len());
                     }
@@ -407,40 +436,38 @@ impl Codec for WgCodec {
     fn inbound(
         &self,
         _local: &mut (),
-        src: SocketAddrV4,
+        src: SocketAddr,
         dgram: &mut [u8],
         scratch: &mut [u8],
-        emit: &mut dyn FnMut(Emit<'_>),
+        emit: &mut dyn FnMut(Emit<'_, SocketAddr>),
     ) {
         let g = self.read();
         let Some((index, peer)) = self.peer_for_datagram(&g, dgram) else {
             tracing::trace!("wireguard: datagram from {src} for no known peer");
             return;
         };
-        let mut tunn = lock(&peer.tunn);
-        let mut r = tunn.decapsulate(Some(IpAddr::V4(*src.ip())), dgram, scratch);
+        let mut session = lock(&peer.session);
+        let Session { tunn, endpoint } = &mut *session;
+        let mut r = tunn.decapsulate(Some(src.ip()), dgram, scratch);
         loop {
-            match r {
+            // Cryptokey routing: the inner source must be one of the sending peer's allowed
+            // IPs, of its family's table.
+            let (pkt, allowed) = match r {
                 TunnResult::WriteToNetwork(b) => {
                     emit(Emit::Net(src, b));
                     r = tunn.decapsulate(None, &[], scratch);
+                    continue;
                 }
                 TunnResult::WriteToTunnelV4(pkt, from) => {
-                    if g.allowed.lookup(u32::from(from)) == Some(index) {
-                        peer.endpoint.set(Some(src));
-                        emit(Emit::Tun(pkt));
-                    } else {
-                        tracing::debug!(
-                            "wireguard: dropping a packet from {from}: not in the peer's allowed IPs"
-                        );
-                    }
-                    return;
+                    (pkt, g.allowed4.lookup(u32::from(from)) == Some(index))
                 }
-                TunnResult::WriteToTunnelV6(..) => return,
+                TunnResult::WriteToTunnelV6(pkt, from) => {
+                    (pkt, g.allowed6.lookup(u128::from(from)) == Some(index))
+                }
                 TunnResult::Done => {
                     if dgram.first() == Some(&2) {
                         // A handshake response completed our handshake: roam to its source.
-                        peer.endpoint.set(Some(src));
+                        *endpoint = Some(src);
                     }
                     return;
                 }
@@ -448,7 +475,18 @@ impl Codec for WgCodec {
                     tracing::debug!("wireguard: datagram from {src}: {e:?}");
                     return;
                 }
+            };
+            if allowed {
+                if *endpoint != Some(src) {
+                    *endpoint = Some(src);
+                }
+                emit(Emit::Tun(pkt));
+            } else {
+                tracing::debug!(
+                    "wireguard: dropping a packet from {src}: its inner source is not in the peer's allowed IPs"
+                );
             }
+            return;
         }
     }
 }
@@ -463,13 +501,14 @@ pub struct UserspaceWg {
 
 impl UserspaceWg {
     /// Opens (or re-attaches to) the persistent TUN `name`, starts the packet workers on
-    /// `0.0.0.0:<listen_port>`, the timer thread and the UAPI socket.
+    /// the dual-stack `[::]:<listen_port>` (both families, like the kernel's two sockets on
+    /// the port; `0.0.0.0` on a kernel without IPv6), the timer thread and the UAPI socket.
     pub fn create(name: &str, mtu: u32, config: &WgDeviceConfig) -> Result<Self, BackendError> {
         let mode = Mode::from_env();
         let (devs, mode) = engine::open_tun(name, mode, mode.queues())
             .map_err(|e| err(format!("failed to open TUN device {name}: {e}")))?;
         let codec = Arc::new(WgCodec::new(config.private_key, config.listen_port));
-        let bind = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, config.listen_port);
+        let bind = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), config.listen_port);
         let (running, sender) = engine::start(devs, mode, bind, mtu as usize, codec.clone())
             .map_err(|e| {
                 err(format!(
@@ -501,12 +540,12 @@ impl UserspaceWg {
 
 /// Starts a handshake with `peer` now, if none is under way.
 fn initiate(peer: &Peer, sender: &UdpSock) {
-    let Some(ep) = peer.endpoint.get() else {
+    let mut session = lock(&peer.session);
+    let Some(ep) = session.endpoint else {
         return;
     };
     let mut buf = [0u8; 256];
-    if let TunnResult::WriteToNetwork(b) =
-        lock(&peer.tunn).format_handshake_initiation(&mut buf, false)
+    if let TunnResult::WriteToNetwork(b) = session.tunn.format_handshake_initiation(&mut buf, false)
     {
         if let Err(e) = sender.send_to(b, ep) {
             tracing::debug!("wireguard: handshake to {ep}: {e}");
@@ -521,9 +560,10 @@ fn timers(codec: &WgCodec, sender: &UdpSock) {
         std::thread::sleep(Duration::from_millis(100));
         let peers: Vec<Arc<Peer>> = codec.read().peers.values().cloned().collect();
         for p in peers {
-            let mut t = lock(&p.tunn);
-            if let TunnResult::WriteToNetwork(b) = t.update_timers(&mut buf) {
-                if let Some(ep) = p.endpoint.get() {
+            let mut session = lock(&p.session);
+            let Session { tunn, endpoint } = &mut *session;
+            if let TunnResult::WriteToNetwork(b) = tunn.update_timers(&mut buf) {
+                if let Some(ep) = *endpoint {
                     if let Err(e) = sender.send_to(b, ep) {
                         tracing::debug!("wireguard: timer send to {ep}: {e}");
                     }
@@ -535,7 +575,7 @@ fn timers(codec: &WgCodec, sender: &UdpSock) {
 
 /// Applies a UAPI/flannel peer and starts its handshake.
 pub fn apply_peer(codec: &WgCodec, sender: Option<&UdpSock>, peer: &WgPeer) -> Result<(), String> {
-    let (index, p) = codec.set_peer(peer)?;
+    let (index, p) = codec.set_peer(peer);
     let Some(s) = sender else {
         return Ok(());
     };
@@ -543,9 +583,10 @@ pub fn apply_peer(codec: &WgCodec, sender: Option<&UdpSock>, peer: &WgPeer) -> R
     // handshake completes); the first one starts the handshake.
     let mut buf = vec![0u8; 65_536];
     for pkt in codec.take_held(index) {
-        let mut t = lock(&p.tunn);
+        let mut session = lock(&p.session);
+        let Session { tunn, endpoint } = &mut *session;
         if let (TunnResult::WriteToNetwork(b), Some(ep)) =
-            (t.encapsulate(&pkt, &mut buf), p.endpoint.get())
+            (tunn.encapsulate(&pkt, &mut buf), *endpoint)
         {
             let _ = s.send_to(b, ep);
         }
