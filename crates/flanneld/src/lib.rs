@@ -2,6 +2,7 @@
 //! with every other host's lease.
 
 pub mod backend;
+pub mod bpf;
 pub mod cli;
 pub mod daemon;
 pub mod doctor;

@@ -105,8 +105,10 @@ fn udp_data_path_counters_count_real_packets() {
         None,
         r#"{"Network":"10.33.0.0/16","Backend":{"Type":"udp"}}"#,
     );
-    c.start_flanneld(0, &["--healthz-port=18091", "--healthz-ip=127.0.0.1"]);
-    c.start_flanneld(1, &[]);
+    // The counters belong to the TUN engine; the kernel (BPF) path would bypass it.
+    let tun = [("FLANNEL_UDP_DATAPATH", "offload")];
+    c.start_flanneld_env(0, &["--healthz-port=18091", "--healthz-ip=127.0.0.1"], &tun);
+    c.start_flanneld_env(1, &[], &tun);
     let a = c.add_pod(0);
     let b = c.add_pod(1);
     c.wait_ping(a, c.pods[b].ip, T);

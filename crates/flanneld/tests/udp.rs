@@ -1,5 +1,7 @@
-//! udp backend end to end: TUN + user-space encapsulation across namespace hosts, the wire
-//! format, TTL and ICMP behaviour, lease changes, and restarts that keep TCP flows alive.
+//! udp backend end to end across namespace hosts, on both data paths: the kernel (BPF) one
+//! that is the default where the kernel allows it, and the TUN + user-space engine: the wire
+//! format, Go-style datagrams received, TTL and ICMP behaviour, lease changes, and restarts
+//! that keep TCP flows alive.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Stdio;
@@ -10,11 +12,26 @@ use testbed::{wait_for, Cluster};
 const T: Duration = Duration::from_secs(30);
 const SEED: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0","SubnetMax":"10.99.0.0","Backend":{"Type":"udp","Port":7890}}"#;
 
+/// `n` hosts with the default data path (the kernel one here).
 fn udp_cluster(n: usize) -> Cluster {
+    udp_cluster_env(n, &[])
+}
+
+/// `n` hosts with the TUN + user-space engine only.
+fn tun_cluster(n: usize) -> Cluster {
+    udp_cluster_env(n, &TUN)
+}
+
+const TUN: [(&str, &str); 1] = [("FLANNEL_UDP_DATAPATH", "offload")];
+const KERNEL: [(&str, &str); 1] = [("FLANNEL_UDP_DATAPATH", "kernel")];
+
+fn udp_cluster_env(n: usize, env: &[(&str, &str)]) -> Cluster {
     let mut c = Cluster::new(n);
     c.put_config(None, SEED);
     // As deployed: flanneld masquerades, so the bridge does not (pod sources stay visible).
-    c.start_all(&["--ip-masq"]);
+    for h in 0..n {
+        c.start_flanneld_env(h, &["--ip-masq"], env);
+    }
     c
 }
 
@@ -90,7 +107,7 @@ fn seed_config_three_hosts_ping_and_tcp() {
 
 #[test]
 fn wire_format_is_the_raw_ipv4_packet_in_udp() {
-    let mut c = udp_cluster(2);
+    let mut c = tun_cluster(2);
     let a = c.add_pod(0);
     let b = c.add_pod(1);
     c.wait_full_mesh(T);
@@ -147,7 +164,7 @@ fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
 
 #[test]
 fn hand_made_datagram_comes_out_of_flannel0_with_ttl_decremented() {
-    let mut c = udp_cluster(2);
+    let mut c = tun_cluster(2);
     let a = c.add_pod(0);
     c.add_pod(1);
     c.wait_full_mesh(T);
@@ -204,7 +221,7 @@ fn destination_without_lease_gets_icmp_net_unreachable() {
 
 #[test]
 fn tcp_flow_survives_sigkill_restart_of_both_daemons() {
-    let mut c = udp_cluster(2);
+    let mut c = udp_cluster_env(2, &KERNEL);
     let a = c.add_pod(0);
     let b = c.add_pod(1);
     c.wait_full_mesh(T);
@@ -235,7 +252,7 @@ fn tcp_flow_survives_sigkill_restart_of_both_daemons() {
         .status
         .success());
     for h in 0..2 {
-        c.start_flanneld(h, &["--ip-masq"]);
+        c.start_flanneld_env(h, &["--ip-masq"], &KERNEL);
     }
     let out = client.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -254,6 +271,17 @@ fn tcp_flow_survives_sigkill_restart_of_both_daemons() {
 fn switching_away_from_udp_removes_the_persistent_device() {
     let mut c = udp_cluster(1);
     let ns = c.hosts[0].ns.clone();
+    // A remote lease, so that the kernel path has a route to leave behind.
+    c.etcd.put(
+        &format!("{}/subnets/10.50.0.0-20", testbed::fixture::PREFIX),
+        r#"{"PublicIP":"192.168.100.50","PublicIPv6":null}"#,
+    );
+    wait_for(T, "kernel-path route", || {
+        ns.ip(&["route"])
+            .lines()
+            .any(|l| l.starts_with("10.50.0.0/20") && l.contains("encap bpf"))
+            .then_some(())
+    });
     c.hosts[0].flanneld.as_mut().unwrap().kill();
     assert!(ns
         .exec("ip", &["link", "show", "flannel0"])
@@ -274,7 +302,9 @@ fn switching_away_from_udp_removes_the_persistent_device() {
         .exec("ip", &["link", "show", "flannel0"])
         .status
         .success());
-    assert!(!ns.ip(&["route"]).contains("dev flannel0"));
+    let routes = ns.ip(&["route"]);
+    assert!(!routes.contains("dev flannel0"), "{routes}");
+    assert!(!routes.contains("encap bpf"), "{routes}");
 }
 
 #[test]
@@ -296,4 +326,110 @@ fn cpu_steering_attaches_and_forwards() {
         log.contains(&format!("CPU steering {expected}")),
         "steering state not as expected ({expected}):\n{log}"
     );
+}
+
+#[test]
+fn kernel_path_speaks_the_same_wire_format_and_receives_go_style_datagrams() {
+    let mut c = udp_cluster_env(2, &KERNEL);
+    let a = c.add_pod(0);
+    let b = c.add_pod(1);
+    c.wait_full_mesh(T);
+    let log = c.flanneld(0).log();
+    assert!(log.contains("udp: kernel data path"), "{log}");
+    // Each remote subnet's route hands packets to the transmit program.
+    let h1 = c.hosts[0].ns.clone();
+    let h2 = c.hosts[1].ns.clone();
+    let routes = h1.ip(&["route"]);
+    let want = format!(
+        "encap bpf xmit flannel_udp_tx/{} dev eth0 scope link",
+        c.hosts[1].ip
+    );
+    assert!(
+        routes
+            .lines()
+            .any(|l| l.starts_with(&c.subnet(1).to_string()) && l.contains(&want)),
+        "{routes}"
+    );
+    // On the wire: exactly what the TUN engine and Go send (UDP 7890 -> 7890, the bare IPv4
+    // packet as payload); TTL 64 from the pod, -1 by the host's forwarding (the kernel path
+    // routes like a router; Go's proxy takes one more).
+    let (pa, pb) = (c.pods[a].ip, c.pods[b].ip);
+    let frame = capture(&h2, "eth0", "udp dst port 7890", || {
+        c.ping(a, pb);
+    });
+    assert!(frame.len() > 28 + 20, "{frame:?}");
+    assert_eq!(frame[9], 17, "outer packet is UDP");
+    assert_eq!(&frame[12..16], &c.hosts[0].ip.octets());
+    assert_eq!(&frame[16..20], &c.hosts[1].ip.octets());
+    let udp = &frame[20..];
+    assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 7890);
+    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 7890);
+    assert_eq!(
+        u16::from_be_bytes([udp[4], udp[5]]) as usize,
+        udp.len(),
+        "UDP length"
+    );
+    let inner = &udp[8..];
+    assert_eq!(inner[0], 0x45, "payload is a bare IPv4 header");
+    assert_eq!(inner[9], 1, "ICMP");
+    assert_eq!(&inner[12..16], &pa.octets());
+    assert_eq!(&inner[16..20], &pb.octets());
+    assert_eq!(inner[8], 63);
+    // A datagram as Go flannel sends it (from a UDP socket, with a UDP checksum) is
+    // decapsulated in the kernel and reaches the pod, TTL decremented by the forwarding.
+    let src = Ipv4Addr::from(u32::from(c.subnet(1).network()) + 77);
+    let to = SocketAddrV4::new(c.hosts[0].ip, 7890);
+    let pkt = capture(
+        &c.pods[a].ns,
+        "eth0",
+        "icmp and icmp[4:2] == 0x4242",
+        || {
+            h2.udp_send(to, &echo_request(src, pa, 10));
+        },
+    );
+    assert!(
+        pkt.len() >= 28,
+        "the Go-style datagram did not reach the pod"
+    );
+    assert_eq!(&pkt[12..16], &src.octets());
+    assert_eq!(pkt[8], 9);
+    // A TCP transfer crosses in both directions (super-packets are segmented on the way).
+    for (from, to) in [(a, pb), (b, pa)] {
+        let server_ns = if from == a {
+            &c.pods[b].ns
+        } else {
+            &c.pods[a].ns
+        };
+        let mut server = server_ns
+            .command("iperf3")
+            .args(["-s", "-1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = wait_for(T, "iperf3 server up", || {
+            let out = c.pods[from].ns.exec(
+                "iperf3",
+                &[
+                    "-c",
+                    &to.to_string(),
+                    "-n",
+                    "20M",
+                    "--connect-timeout",
+                    "500",
+                ],
+            );
+            out.status.success().then_some(out)
+        });
+        assert!(String::from_utf8_lossy(&out.stdout).contains("receiver"));
+        let _ = server.wait();
+    }
+    // A peer that leaves while flanneld is down loses its route at the next start.
+    c.flanneld(0).kill();
+    let peer_key = c.lease_key(1);
+    c.flanneld(1).kill();
+    c.etcd.del(&peer_key);
+    c.start_flanneld_env(0, &["--ip-masq"], &KERNEL);
+    wait_for(T, "stale kernel-path route removed", || {
+        (!h1.ip(&["route"]).contains("flannel_udp_tx")).then_some(())
+    });
 }

@@ -724,6 +724,7 @@ mod tests {
             gateway: gw.map(|g| g.parse().unwrap()),
             oif: Some(oif),
             pref_source: None,
+            bpf_program: None,
         }
     }
 

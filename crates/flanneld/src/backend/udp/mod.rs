@@ -6,6 +6,7 @@
 //! device is persistent, so a restart (even after SIGKILL) only pauses forwarding.
 
 pub mod codec;
+pub mod kernel;
 pub mod packet;
 pub mod routes;
 
@@ -35,6 +36,7 @@ const OVERHEAD: u32 = 28;
 /// network now uses another backend: its route for the whole network would swallow traffic.
 pub async fn remove_leftover_device(nl: &Netlink) {
     crate::backend::engine::preattach::release(DEVICE);
+    kernel::remove_routes(nl).await;
     match nl.link_details(DEVICE).await {
         Ok(Some(d)) if d.kind.as_deref() == Some("tun") => {
             tracing::info!("udp: removing {DEVICE} left by an earlier udp run");
@@ -73,6 +75,20 @@ struct UdpNetwork {
     mtu: u32,
     port: u16,
     shared: Arc<UdpCodec>,
+    /// The in-kernel (BPF) data path, when in use; the TUN engine then carries only what it
+    /// passes on (and everything when this is `None`).
+    kernel: Option<kernel::KernelPath>,
+    network: Option<ipnet::Ipv4Net>,
+}
+
+/// Which data path `FLANNEL_UDP_DATAPATH` asks for: `kernel` (required), unset (the kernel
+/// path where the kernel allows it, else the TUN engine), or a TUN engine mode.
+fn kernel_path_wanted() -> (bool, bool) {
+    match std::env::var("FLANNEL_UDP_DATAPATH").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => (true, false),
+        Ok("kernel") => (true, true),
+        Ok(_) => (false, false),
+    }
 }
 
 #[async_trait]
@@ -174,11 +190,45 @@ impl Backend for UdpBackend {
             running.gro,
             running.cpu_steering
         );
+        let (want_kernel, required) = kernel_path_wanted();
+        let kernel = match (want_kernel, ctx.ext.iface_addr) {
+            (false, _) => None,
+            (true, None) => {
+                let e = format!("{} has no IPv4 address", ctx.ext.name);
+                if required {
+                    return Err(err(format!("udp: no kernel data path: {e}")));
+                }
+                tracing::info!("udp: no kernel data path ({e}); the TUN engine carries all");
+                None
+            }
+            (true, Some(src)) => {
+                match kernel::KernelPath::start(nl.clone(), ctx.ext.index, src, self.port) {
+                    Ok(k) => {
+                        tracing::info!(
+                        "udp: kernel data path: BPF encapsulation on each peer's route, decapsulation on {} ingress (the TUN engine handles the rest)",
+                        ctx.ext.name
+                    );
+                        Some(k)
+                    }
+                    Err(e) if required => {
+                        return Err(err(format!("udp: no kernel data path: {e}")))
+                    }
+                    Err(e) => {
+                        tracing::info!(
+                            "udp: no kernel data path ({e}); the TUN engine carries all"
+                        );
+                        None
+                    }
+                }
+            }
+        };
         Ok(Box::new(UdpNetwork {
             lease,
             mtu,
             port: self.port,
             shared,
+            kernel,
+            network: ctx.config.network,
         }))
     }
 }
@@ -194,22 +244,36 @@ impl Network for UdpNetwork {
     }
 
     async fn handle_events(&mut self, batch: Vec<LeaseEvent>) {
-        let mut routes = self
-            .shared
-            .routes
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
+        {
+            let mut routes = self
+                .shared
+                .routes
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            for e in &batch {
+                match e {
+                    LeaseEvent::Added(l) => {
+                        let peer = SocketAddrV4::new(l.attrs.public_ip, self.port);
+                        routes.insert(l.key.ipv4, peer);
+                        tracing::info!("udp: {} via {peer}", l.key.ipv4);
+                    }
+                    LeaseEvent::Removed(l) => {
+                        routes.remove(l.key.ipv4);
+                        tracing::info!("udp: removed route {}", l.key.ipv4);
+                    }
+                }
+            }
+        }
+        let Some(k) = self.kernel.as_mut() else {
+            return;
+        };
         for e in batch {
-            match e {
-                LeaseEvent::Added(l) => {
-                    let peer = SocketAddrV4::new(l.attrs.public_ip, self.port);
-                    routes.insert(l.key.ipv4, peer);
-                    tracing::info!("udp: {} via {peer}", l.key.ipv4);
-                }
-                LeaseEvent::Removed(l) => {
-                    routes.remove(l.key.ipv4);
-                    tracing::info!("udp: removed route {}", l.key.ipv4);
-                }
+            let r = match &e {
+                LeaseEvent::Added(l) => k.add(l.key.ipv4, l.attrs.public_ip).await,
+                LeaseEvent::Removed(l) => k.remove(l.key.ipv4).await,
+            };
+            if let Err(e) = r {
+                tracing::warn!("udp: kernel route: {e}");
             }
         }
     }
@@ -224,5 +288,13 @@ impl Network for UdpNetwork {
             .routes
             .write()
             .unwrap_or_else(|p| p.into_inner()) = fresh;
+        if let Some(k) = self.kernel.as_mut() {
+            let want: Vec<_> = current
+                .iter()
+                .filter(|l| l.key != self.lease.key)
+                .map(|l| (l.key.ipv4, l.attrs.public_ip))
+                .collect();
+            k.resync(self.network, self.lease.key.ipv4, &want).await;
+        }
     }
 }
