@@ -1,5 +1,5 @@
-//! udp backend end to end across namespace hosts, on both data paths: the kernel (BPF) one
-//! that is the default where the kernel allows it, and the TUN + user-space engine: the wire
+//! udp backend end to end across namespace hosts, on both data paths: the TUN + user-space
+//! engine (the default) and the kernel (BPF) one (`FLANNEL_UDP_DATAPATH=kernel`): the wire
 //! format, Go-style datagrams received, TTL and ICMP behaviour, lease changes, and restarts
 //! that keep TCP flows alive.
 
@@ -12,12 +12,12 @@ use testbed::{wait_for, Cluster};
 const T: Duration = Duration::from_secs(30);
 const SEED: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0","SubnetMax":"10.99.0.0","Backend":{"Type":"udp","Port":7890}}"#;
 
-/// `n` hosts with the default data path (the kernel one here).
+/// `n` hosts with the default data path (the TUN + user-space engine).
 fn udp_cluster(n: usize) -> Cluster {
     udp_cluster_env(n, &[])
 }
 
-/// `n` hosts with the TUN + user-space engine only.
+/// `n` hosts with the TUN + user-space engine, named explicitly.
 fn tun_cluster(n: usize) -> Cluster {
     udp_cluster_env(n, &TUN)
 }
@@ -221,7 +221,7 @@ fn destination_without_lease_gets_icmp_net_unreachable() {
 
 #[test]
 fn tcp_flow_survives_sigkill_restart_of_both_daemons() {
-    let mut c = udp_cluster_env(2, &KERNEL);
+    let mut c = udp_cluster(2);
     let a = c.add_pod(0);
     let b = c.add_pod(1);
     c.wait_full_mesh(T);
@@ -252,7 +252,7 @@ fn tcp_flow_survives_sigkill_restart_of_both_daemons() {
         .status
         .success());
     for h in 0..2 {
-        c.start_flanneld_env(h, &["--ip-masq"], &KERNEL);
+        c.start_flanneld(h, &["--ip-masq"]);
     }
     let out = client.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -269,7 +269,7 @@ fn tcp_flow_survives_sigkill_restart_of_both_daemons() {
 
 #[test]
 fn switching_away_from_udp_removes_the_persistent_device() {
-    let mut c = udp_cluster(1);
+    let mut c = udp_cluster_env(1, &KERNEL);
     let ns = c.hosts[0].ns.clone();
     // A remote lease, so that the kernel path has a route to leave behind.
     c.etcd.put(

@@ -271,3 +271,38 @@ impl Program {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(i: &Insn) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[0] = i.code;
+        b[1] = i.regs;
+        b[2..4].copy_from_slice(&i.off.to_le_bytes());
+        b[4..8].copy_from_slice(&i.imm.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn encodings_match_the_kernel_abi() {
+        let mut a = Asm::new();
+        a.mov(6, 1) // bf 16
+            .load(Size::W, 2, 6, 0) // 61 62 0000
+            .be16(3) // dc 03 .. 10000000
+            .store_imm(Size::H, FP, -26, 0x40) // 6a 0a e6ff 40000000
+            .jump32_if(Cond::Ne, 2, 0xdeadbeef, "out") // 56 02 0100 efbeadde
+            .call(helper::LWT_PUSH_ENCAP) // 85 00 0000 49000000
+            .label("out")
+            .exit(); // 95
+        let p = a.finish();
+        assert_eq!(bytes(&p[0]), [0xbf, 0x16, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(bytes(&p[1]), [0x61, 0x62, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(bytes(&p[2]), [0xdc, 0x03, 0, 0, 16, 0, 0, 0]);
+        assert_eq!(bytes(&p[3]), [0x6a, 0x0a, 0xe6, 0xff, 0x40, 0, 0, 0]);
+        assert_eq!(bytes(&p[4]), [0x56, 0x02, 1, 0, 0xef, 0xbe, 0xad, 0xde]);
+        assert_eq!(bytes(&p[5]), [0x85, 0, 0, 0, 73, 0, 0, 0]);
+        assert_eq!(bytes(&p[6]), [0x95, 0, 0, 0, 0, 0, 0, 0]);
+    }
+}

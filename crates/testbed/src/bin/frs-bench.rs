@@ -2,7 +2,8 @@
 //! vxlan, measured side by side in one run on the test-bed and printed as ratios to the underlay.
 //!
 //! `frs-bench [--seconds N] [--streams N] [--rounds N] [--modes a,b,..]`. Modes: underlay,
-//! host-gw, vxlan, udp (offload data path), udp-batch, udp-simple (one packet per syscall),
+//! host-gw, vxlan, udp (TUN engine, offloads), udp-kernel (the BPF data path), udp-batch,
+//! udp-simple (one packet per syscall),
 //! wireguard (our user-space WireGuard; wireguard-batch without offloads), wireguard-go (a pair
 //! of Debian's wireguard-go set up by hand as Go flannel does, the reference); in the UML guest
 //! (`--uml`) also ipip and ipsec (kernel ESP keyed by strongSwan's charon). Each
@@ -104,6 +105,7 @@ fn measure(mode: &str, seconds: u32, streams: u32) -> Sample {
             "udp-batch" => ("udp", "batch"),
             "udp-simple" => ("udp", "simple"),
             "udp" => ("udp", "offload"),
+            "udp-kernel" => ("udp", "kernel"),
             "wireguard-batch" => ("wireguard", "batch"),
             other => (other, "offload"),
         };

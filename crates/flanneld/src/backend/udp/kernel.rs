@@ -35,6 +35,8 @@ const LWT_REROUTE: i32 = 128;
 const LWT_DROP: i32 = 2;
 /// `BPF_ADJ_ROOM_MAC`.
 const ADJ_ROOM_MAC: i32 = 1;
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (newer kernels).
+const ADJ_ROOM_DECAP_L4_UDP: i32 = 1 << 10;
 /// `TCX_PASS` / `TC_ACT_OK`.
 const TC_PASS: i32 = 0;
 /// Outer IPv4 + UDP header bytes.
@@ -122,6 +124,15 @@ pub fn rx_program(local: Ipv4Addr, port: u16) -> Vec<Insn> {
         .load(Size::B, 2, FP, -8) // inner version
         .and_imm(2, 0xf0)
         .jump_if(Cond::Ne, 2, 0x40, "pass")
+        // Kernels with BPF_F_ADJ_ROOM_DECAP_L4_UDP also reset a TCP super-packet's UDP
+        // tunnel offload state (left stale, the kernel segments the inner packet in software
+        // on its way to the pod); older ones refuse the flag (-EINVAL): decapsulate without.
+        .mov(1, 6)
+        .mov_imm(2, -ENCAP_LEN)
+        .mov_imm(3, ADJ_ROOM_MAC)
+        .mov_imm(4, ADJ_ROOM_DECAP_L4_UDP)
+        .call(helper::SKB_ADJUST_ROOM)
+        .jump_if(Cond::Ne, 0, -22, "pass")
         .mov(1, 6)
         .mov_imm(2, -ENCAP_LEN)
         .mov_imm(3, ADJ_ROOM_MAC)

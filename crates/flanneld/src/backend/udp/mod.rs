@@ -81,13 +81,14 @@ struct UdpNetwork {
     network: Option<ipnet::Ipv4Net>,
 }
 
-/// Which data path `FLANNEL_UDP_DATAPATH` asks for: `kernel` (required), unset (the kernel
-/// path where the kernel allows it, else the TUN engine), or a TUN engine mode.
+/// Which data path `FLANNEL_UDP_DATAPATH` asks for: `kernel` (the BPF path, required),
+/// `kernel-auto` (the BPF path where the kernel allows it, else the TUN engine), or a TUN
+/// engine mode (the default; see the README for why the BPF path is not the default yet).
 fn kernel_path_wanted() -> (bool, bool) {
     match std::env::var("FLANNEL_UDP_DATAPATH").as_deref() {
-        Err(_) | Ok("") | Ok("auto") => (true, false),
         Ok("kernel") => (true, true),
-        Ok(_) => (false, false),
+        Ok("kernel-auto") => (true, false),
+        _ => (false, false),
     }
 }
 
