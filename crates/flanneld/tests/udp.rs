@@ -278,8 +278,7 @@ fn switching_away_from_udp_removes_the_persistent_device() {
     );
     wait_for(T, "kernel-path route", || {
         ns.ip(&["route"])
-            .lines()
-            .any(|l| l.starts_with("10.50.0.0/20") && l.contains("encap bpf"))
+            .contains("10.50.0.0/20 via 10.50.0.0 dev flannel-udprx onlink")
             .then_some(())
     });
     c.hosts[0].flanneld.as_mut().unwrap().kill();
@@ -304,7 +303,11 @@ fn switching_away_from_udp_removes_the_persistent_device() {
         .success());
     let routes = ns.ip(&["route"]);
     assert!(!routes.contains("dev flannel0"), "{routes}");
-    assert!(!routes.contains("encap bpf"), "{routes}");
+    assert!(!routes.contains("flannel-udprx"), "{routes}");
+    assert!(!ns
+        .exec("ip", &["link", "show", "flannel-udprx"])
+        .status
+        .success());
 }
 
 #[test]
@@ -336,19 +339,23 @@ fn kernel_path_speaks_the_same_wire_format_and_receives_go_style_datagrams() {
     c.wait_full_mesh(T);
     let log = c.flanneld(0).log();
     assert!(log.contains("udp: kernel data path"), "{log}");
-    // Each remote subnet's route hands packets to the transmit program.
+    // Each remote subnet is routed through flannel-udprx to a neighbour entry whose MAC
+    // carries the remote host's address (02:66:c0:a8:64:0c = 192.168.100.12).
     let h1 = c.hosts[0].ns.clone();
     let h2 = c.hosts[1].ns.clone();
+    let gw = c.subnet(1).network();
     let routes = h1.ip(&["route"]);
-    let want = format!(
-        "encap bpf xmit flannel_udp_tx/{} dev eth0 scope link",
-        c.hosts[1].ip
-    );
     assert!(
-        routes
-            .lines()
-            .any(|l| l.starts_with(&c.subnet(1).to_string()) && l.contains(&want)),
+        routes.contains(&format!(
+            "{} via {gw} dev flannel-udprx onlink",
+            c.subnet(1)
+        )),
         "{routes}"
+    );
+    let neigh = h1.ip(&["neigh", "show", "dev", "flannel-udprx"]);
+    assert!(
+        neigh.contains(&format!("{gw} lladdr 02:66:c0:a8:64:0c PERMANENT")),
+        "{neigh}"
     );
     // On the wire: exactly what the TUN engine and Go send (UDP 7890 -> 7890, the bare IPv4
     // packet as payload); TTL 64 from the pod, -1 by the host's forwarding (the kernel path
@@ -430,6 +437,23 @@ fn kernel_path_speaks_the_same_wire_format_and_receives_go_style_datagrams() {
     c.etcd.del(&peer_key);
     c.start_flanneld_env(0, &["--ip-masq"], &KERNEL);
     wait_for(T, "stale kernel-path route removed", || {
-        (!h1.ip(&["route"]).contains("flannel_udp_tx")).then_some(())
+        (!h1.ip(&["route"]).contains("dev flannel-udprx")).then_some(())
     });
+    assert!(!h1
+        .ip(&["neigh", "show", "dev", "flannel-udprx"])
+        .contains("02:66:"));
+}
+
+#[test]
+fn kernel_path_without_ip_masq_reaches_pods() {
+    // Without --ip-masq the CNI bridge masquerades pod traffic leaving the subnet; the
+    // source address comes from the kernel path's receive device (as it does from flannel0).
+    let mut c = Cluster::new(2);
+    c.put_config(None, SEED);
+    for h in 0..2 {
+        c.start_flanneld_env(h, &[], &KERNEL);
+        c.add_pod(h);
+    }
+    c.wait_full_mesh(T);
+    assert!(c.flanneld(0).log().contains("udp: kernel data path"));
 }

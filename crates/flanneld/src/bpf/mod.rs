@@ -142,6 +142,21 @@ impl Asm {
             .push(insn(JMP32 | cond as u8 | K, dst, 0, 0, imm as i32));
         self
     }
+    /// dst >>= imm (logical).
+    pub fn rsh_imm(&mut self, dst: Reg, imm: i32) -> &mut Self {
+        self.insns.push(insn(ALU64 | 0x70 | K, dst, 0, 0, imm));
+        self
+    }
+    /// dst += src.
+    pub fn add(&mut self, dst: Reg, src: Reg) -> &mut Self {
+        self.insns.push(insn(ALU64 | X, dst, src, 0, 0));
+        self
+    }
+    /// dst ^= imm.
+    pub fn xor_imm(&mut self, dst: Reg, imm: i32) -> &mut Self {
+        self.insns.push(insn(ALU64 | 0xa0 | K, dst, 0, 0, imm));
+        self
+    }
     /// Calls helper number `id`.
     pub fn call(&mut self, id: i32) -> &mut Self {
         self.insns.push(insn(JMP | 0x80, 0, 0, 0, id));
@@ -173,8 +188,14 @@ pub mod helper {
     pub const SKB_LOAD_BYTES: i32 = 26;
     /// `bpf_skb_adjust_room`.
     pub const SKB_ADJUST_ROOM: i32 = 50;
-    /// `bpf_lwt_push_encap`.
-    pub const LWT_PUSH_ENCAP: i32 = 73;
+    /// `bpf_skb_store_bytes`.
+    pub const SKB_STORE_BYTES: i32 = 9;
+    /// `bpf_l3_csum_replace`.
+    pub const L3_CSUM_REPLACE: i32 = 10;
+    /// `bpf_csum_diff`.
+    pub const CSUM_DIFF: i32 = 28;
+    /// `bpf_redirect_neigh`.
+    pub const REDIRECT_NEIGH: i32 = 152;
 }
 
 /// Program types (`enum bpf_prog_type`).
@@ -182,8 +203,6 @@ pub mod helper {
 pub enum ProgType {
     /// tc classifier (`BPF_PROG_TYPE_SCHED_CLS`).
     SchedCls = 3,
-    /// Lightweight tunnel, transmit hook (`BPF_PROG_TYPE_LWT_XMIT`).
-    LwtXmit = 12,
 }
 
 fn sys_bpf(cmd: i64, attr: &mut [u8]) -> std::io::Result<i64> {
@@ -250,20 +269,21 @@ impl Program {
         self.fd.as_raw_fd()
     }
 
-    /// Attaches the program to `ifindex`'s ingress through TCX; it stays attached while the
-    /// returned link is open.
-    pub fn attach_tcx_ingress(&self, ifindex: u32) -> Result<OwnedFd, BpfError> {
+    /// Attaches the program to `ifindex`'s ingress (or egress) through TCX; it stays
+    /// attached while the returned link is open.
+    pub fn attach_tcx(&self, ifindex: u32, egress: bool) -> Result<OwnedFd, BpfError> {
         let mut attr = [0u8; 64];
         put_u32(&mut attr, 0, self.raw_fd() as u32);
         put_u32(&mut attr, 4, ifindex);
-        put_u32(&mut attr, 8, 46); // BPF_TCX_INGRESS
+        put_u32(&mut attr, 8, if egress { 47 } else { 46 }); // BPF_TCX_EGRESS / _INGRESS
         match sys_bpf(28 /* BPF_LINK_CREATE */, &mut attr) {
             // SAFETY: the kernel returned a new file descriptor that we now own.
             Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
             Err(source) => Err(BpfError {
                 context: format!(
-                    "failed to attach BPF program {} to the ingress of interface #{ifindex}",
-                    self.name
+                    "failed to attach BPF program {} to the {} of interface #{ifindex}",
+                    self.name,
+                    if egress { "egress" } else { "ingress" }
                 ),
                 source,
                 log: String::new(),
@@ -293,7 +313,7 @@ mod tests {
             .be16(3) // dc 03 .. 10000000
             .store_imm(Size::H, FP, -26, 0x40) // 6a 0a e6ff 40000000
             .jump32_if(Cond::Ne, 2, 0xdeadbeef, "out") // 56 02 0100 efbeadde
-            .call(helper::LWT_PUSH_ENCAP) // 85 00 0000 49000000
+            .call(helper::REDIRECT_NEIGH) // 85 00 0000 98000000
             .label("out")
             .exit(); // 95
         let p = a.finish();
@@ -302,7 +322,7 @@ mod tests {
         assert_eq!(bytes(&p[2]), [0xdc, 0x03, 0, 0, 16, 0, 0, 0]);
         assert_eq!(bytes(&p[3]), [0x6a, 0x0a, 0xe6, 0xff, 0x40, 0, 0, 0]);
         assert_eq!(bytes(&p[4]), [0x56, 0x02, 1, 0, 0xef, 0xbe, 0xad, 0xde]);
-        assert_eq!(bytes(&p[5]), [0x85, 0, 0, 0, 73, 0, 0, 0]);
+        assert_eq!(bytes(&p[5]), [0x85, 0, 0, 0, 152, 0, 0, 0]);
         assert_eq!(bytes(&p[6]), [0x95, 0, 0, 0, 0, 0, 0, 0]);
     }
 }

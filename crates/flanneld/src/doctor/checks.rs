@@ -724,7 +724,6 @@ mod tests {
             gateway: gw.map(|g| g.parse().unwrap()),
             oif: Some(oif),
             pref_source: None,
-            bpf_program: None,
         }
     }
 

@@ -33,9 +33,6 @@ pub struct Route {
     pub oif: Option<u32>,
     /// Preferred source address.
     pub pref_source: Option<IpAddr>,
-    /// The name of the lightweight-tunnel BPF program the route hands packets to, if any
-    /// (the udp backend's kernel path names its programs [`crate::backend::udp::kernel::TX_NAME`]).
-    pub bpf_program: Option<String>,
 }
 
 impl Netlink {
@@ -91,57 +88,6 @@ impl Netlink {
         self.replace_route_message(msg, r, " scope link").await
     }
 
-    /// Installs or replaces `<dst> encap bpf xmit <program> dev <oif>` (scope link): the
-    /// lightweight-tunnel BPF program `prog_fd` (named `prog_name`) gets every packet routed
-    /// to `dst` and encapsulates it (the udp backend's kernel path). `headroom` bytes are
-    /// reserved for the headers it pushes.
-    pub async fn replace_bpf_route(
-        &self,
-        dst: IpNet,
-        oif: u32,
-        prog_fd: i32,
-        prog_name: &str,
-        headroom: u32,
-    ) -> Result<(), NetlinkError> {
-        use netlink_packet_core::{DefaultNla, NLA_F_NESTED};
-        use netlink_packet_route::route::{RouteLwEnCapType, RouteLwTunnelEncap};
-        /// `LWT_BPF_XMIT`, `LWT_BPF_XMIT_HEADROOM`, `LWT_BPF_PROG_FD`, `LWT_BPF_PROG_NAME`.
-        const XMIT: u16 = 3;
-        const XMIT_HEADROOM: u16 = 4;
-        const PROG_FD: u16 = 1;
-        const PROG_NAME: u16 = 2;
-        fn nla(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
-            out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-            out.extend_from_slice(&kind.to_ne_bytes());
-            out.extend_from_slice(value);
-            out.resize(out.len().next_multiple_of(4), 0);
-        }
-        let spec = RouteSpec {
-            dst,
-            gateway: None,
-            oif: Some(oif),
-            onlink: false,
-            blackhole: false,
-        };
-        let mut msg = spec.message()?;
-        msg.header.scope = RouteScope::Link;
-        let mut prog = vec![];
-        nla(&mut prog, PROG_FD, &(prog_fd as u32).to_ne_bytes());
-        let mut name = prog_name.as_bytes().to_vec();
-        name.push(0);
-        nla(&mut prog, PROG_NAME, &name);
-        msg.attributes
-            .push(RouteAttribute::EncapType(RouteLwEnCapType::Bpf));
-        msg.attributes.push(RouteAttribute::Encap(vec![
-            RouteLwTunnelEncap::Other(DefaultNla::new(XMIT | NLA_F_NESTED, prog)),
-            RouteLwTunnelEncap::Other(DefaultNla::new(
-                XMIT_HEADROOM,
-                headroom.to_ne_bytes().to_vec(),
-            )),
-        ]));
-        self.replace_route_message(msg, &spec, " encap bpf").await
-    }
-
     async fn replace_route_message(
         &self,
         msg: RouteMessage,
@@ -155,22 +101,6 @@ impl Netlink {
             .execute()
             .await
             .map_err(wrap(format!("failed to replace route {r}{what}")))
-    }
-
-    /// Removes a device route of scope link (as [`Self::replace_link_route`] and
-    /// [`Self::replace_bpf_route`] install); one already gone is not an error.
-    pub async fn delete_link_route(&self, r: &RouteSpec) -> Result<(), NetlinkError> {
-        let mut msg = r.message()?;
-        msg.header.protocol = RouteProtocol::Unspec;
-        msg.header.scope = RouteScope::Link;
-        ignore_not_found(
-            self.handle
-                .route()
-                .del(msg)
-                .execute()
-                .await
-                .map_err(wrap(format!("failed to delete route {r} scope link"))),
-        )
     }
 
     /// Removes a route; a route that is already gone is not an error.
@@ -223,11 +153,9 @@ fn route_from_message(m: RouteMessage) -> Route {
         gateway: None,
         oif: None,
         pref_source: None,
-        bpf_program: None,
     };
     for a in m.attributes {
         match a {
-            RouteAttribute::Encap(encaps) => r.bpf_program = lwt_bpf_program_name(&encaps),
             RouteAttribute::Destination(d) => r.destination = route_addr(d),
             RouteAttribute::Gateway(g) => r.gateway = route_addr(g),
             RouteAttribute::Oif(i) => r.oif = Some(i),
@@ -240,40 +168,6 @@ fn route_from_message(m: RouteMessage) -> Route {
         r.destination = Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
     }
     r
-}
-
-/// The program name inside a `LWT_BPF_XMIT`/`IN`/`OUT` attribute of a BPF route's encap.
-fn lwt_bpf_program_name(
-    encaps: &[netlink_packet_route::route::RouteLwTunnelEncap],
-) -> Option<String> {
-    use netlink_packet_core::Nla;
-    use netlink_packet_route::route::RouteLwTunnelEncap;
-    encaps.iter().find_map(|e| {
-        let RouteLwTunnelEncap::Other(nla) = e else {
-            return None;
-        };
-        if !(1..=3).contains(&(nla.kind() & 0x3fff)) {
-            return None;
-        }
-        let mut value = vec![0u8; nla.value_len()];
-        nla.emit_value(&mut value);
-        // Nested attributes: u16 length, u16 kind, value, padded to 4.
-        let mut rest = &value[..];
-        while rest.len() >= 4 {
-            let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;
-            let kind = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
-            if len < 4 || len > rest.len() {
-                return None;
-            }
-            if kind == 2 {
-                let name = &rest[4..len];
-                let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
-                return Some(String::from_utf8_lossy(&name[..end]).into_owned());
-            }
-            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-        }
-        None
-    })
 }
 
 impl Route {

@@ -36,7 +36,7 @@ const OVERHEAD: u32 = 28;
 /// network now uses another backend: its route for the whole network would swallow traffic.
 pub async fn remove_leftover_device(nl: &Netlink) {
     crate::backend::engine::preattach::release(DEVICE);
-    kernel::remove_routes(nl).await;
+    kernel::remove_device(nl).await;
     match nl.link_details(DEVICE).await {
         Ok(Some(d)) if d.kind.as_deref() == Some("tun") => {
             tracing::info!("udp: removing {DEVICE} left by an earlier udp run");
@@ -78,7 +78,6 @@ struct UdpNetwork {
     /// The in-kernel (BPF) data path, when in use; the TUN engine then carries only what it
     /// passes on (and everything when this is `None`).
     kernel: Option<kernel::KernelPath>,
-    network: Option<ipnet::Ipv4Net>,
 }
 
 /// Which data path `FLANNEL_UDP_DATAPATH` asks for: `kernel` (the BPF path, required),
@@ -203,7 +202,16 @@ impl Backend for UdpBackend {
                 None
             }
             (true, Some(src)) => {
-                match kernel::KernelPath::start(nl.clone(), ctx.ext.index, src, self.port) {
+                match kernel::KernelPath::start(
+                    nl.clone(),
+                    ctx.ext.index,
+                    ctx.ext.mtu,
+                    tun_ip,
+                    src,
+                    self.port,
+                )
+                .await
+                {
                     Ok(k) => {
                         tracing::info!(
                         "udp: kernel data path: BPF encapsulation on each peer's route, decapsulation on {} ingress (the TUN engine handles the rest)",
@@ -229,7 +237,6 @@ impl Backend for UdpBackend {
             port: self.port,
             shared,
             kernel,
-            network: ctx.config.network,
         }))
     }
 }
@@ -295,7 +302,7 @@ impl Network for UdpNetwork {
                 .filter(|l| l.key != self.lease.key)
                 .map(|l| (l.key.ipv4, l.attrs.public_ip))
                 .collect();
-            k.resync(self.network, self.lease.key.ipv4, &want).await;
+            k.resync(&want).await;
         }
     }
 }
