@@ -1,5 +1,5 @@
-//! udp backend end to end across namespace hosts, on both data paths: the TUN + user-space
-//! engine (the default) and the kernel (BPF) one (`FLANNEL_UDP_DATAPATH=kernel`): the wire
+//! udp backend end to end across namespace hosts, on both data paths: the kernel (BPF) one,
+//! the default where the kernel allows it, and the TUN + user-space engine: the wire
 //! format, Go-style datagrams received, TTL and ICMP behaviour, lease changes, and restarts
 //! that keep TCP flows alive.
 
@@ -12,12 +12,12 @@ use testbed::{wait_for, Cluster};
 const T: Duration = Duration::from_secs(30);
 const SEED: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0","SubnetMax":"10.99.0.0","Backend":{"Type":"udp","Port":7890}}"#;
 
-/// `n` hosts with the default data path (the TUN + user-space engine).
+/// `n` hosts with the default data path (the kernel one, where BPF is available as here).
 fn udp_cluster(n: usize) -> Cluster {
     udp_cluster_env(n, &[])
 }
 
-/// `n` hosts with the TUN + user-space engine, named explicitly.
+/// `n` hosts with the TUN + user-space engine.
 fn tun_cluster(n: usize) -> Cluster {
     udp_cluster_env(n, &TUN)
 }
@@ -430,6 +430,32 @@ fn kernel_path_speaks_the_same_wire_format_and_receives_go_style_datagrams() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("receiver"));
         let _ = server.wait();
     }
+    // The programs are tc filters, not tied to the process: a SIGKILL + restart of both
+    // daemons under a 200 pings/s flow loses nothing (a restart replaces them atomically).
+    let ping = c.pods[a]
+        .ns
+        .command("ping")
+        .args(["-i", "0.005", "-c", "600", "-W", "1", &pb.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for h in 0..2 {
+        c.flanneld(h).kill();
+    }
+    for h in 0..2 {
+        c.start_flanneld_env(h, &["--ip-masq"], &KERNEL);
+    }
+    let out = ping.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_default();
+    assert!(
+        summary.starts_with("600 packets transmitted, 600 received"),
+        "{text}"
+    );
     // A peer that leaves while flanneld is down loses its route at the next start.
     c.flanneld(0).kill();
     let peer_key = c.lease_key(1);

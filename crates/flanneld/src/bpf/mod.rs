@@ -1,6 +1,6 @@
-//! Just enough eBPF to let the kernel do a backend's encapsulation: an instruction builder,
-//! program loading (`BPF_PROG_LOAD`, with the verifier's log in the error) and TCX attachment
-//! (`BPF_LINK_CREATE`), over the raw `bpf(2)` system call. The programs are a few dozen
+//! Just enough eBPF to let the kernel do a backend's encapsulation: an instruction builder and
+//! program loading (`BPF_PROG_LOAD`, with the verifier's log in the error) over the raw
+//! `bpf(2)` system call; programs are attached as tc filters (`crate::netlink::tc`). The programs are a few dozen
 //! instructions each, assembled at run time with the host's addresses as constants, so no
 //! compiler, object file or bpffs is needed.
 
@@ -267,28 +267,6 @@ impl Program {
     /// The program's file descriptor (for attaching).
     pub fn raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
-    }
-
-    /// Attaches the program to `ifindex`'s ingress (or egress) through TCX; it stays
-    /// attached while the returned link is open.
-    pub fn attach_tcx(&self, ifindex: u32, egress: bool) -> Result<OwnedFd, BpfError> {
-        let mut attr = [0u8; 64];
-        put_u32(&mut attr, 0, self.raw_fd() as u32);
-        put_u32(&mut attr, 4, ifindex);
-        put_u32(&mut attr, 8, if egress { 47 } else { 46 }); // BPF_TCX_EGRESS / _INGRESS
-        match sys_bpf(28 /* BPF_LINK_CREATE */, &mut attr) {
-            // SAFETY: the kernel returned a new file descriptor that we now own.
-            Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
-            Err(source) => Err(BpfError {
-                context: format!(
-                    "failed to attach BPF program {} to the {} of interface #{ifindex}",
-                    self.name,
-                    if egress { "egress" } else { "ingress" }
-                ),
-                source,
-                log: String::new(),
-            }),
-        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod iptun;
 pub mod link;
 pub mod neighbour;
 pub mod route;
+pub mod tc;
 pub mod vxlan;
 pub mod wireguard;
 pub mod xfrm;

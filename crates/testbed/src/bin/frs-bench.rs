@@ -2,7 +2,7 @@
 //! vxlan, measured side by side in one run on the test-bed and printed as ratios to the underlay.
 //!
 //! `frs-bench [--seconds N] [--streams N] [--rounds N] [--modes a,b,..]`. Modes: underlay,
-//! host-gw, vxlan, udp (TUN engine, offloads), udp-kernel (the BPF data path), udp-batch,
+//! host-gw, vxlan, udp (the default kernel BPF data path), udp-tun (TUN engine), udp-batch,
 //! udp-simple (one packet per syscall),
 //! wireguard (our user-space WireGuard; wireguard-batch without offloads), wireguard-go (a pair
 //! of Debian's wireguard-go set up by hand as Go flannel does, the reference); in the UML guest
@@ -104,8 +104,8 @@ fn measure(mode: &str, seconds: u32, streams: u32) -> Sample {
         let (backend, datapath) = match mode {
             "udp-batch" => ("udp", "batch"),
             "udp-simple" => ("udp", "simple"),
-            "udp" => ("udp", "offload"),
-            "udp-kernel" => ("udp", "kernel"),
+            "udp" => ("udp", "kernel"),
+            "udp-tun" => ("udp", "offload"),
             "wireguard-batch" => ("wireguard", "batch"),
             other => (other, "offload"),
         };

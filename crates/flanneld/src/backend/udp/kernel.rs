@@ -278,13 +278,14 @@ const ADJ_ROOM_NET: i32 = 0;
 /// `BPF_F_ADJ_ROOM_FIXED_GSO`.
 const ADJ_ROOM_FIXED_GSO: i32 = 1;
 
-/// The kernel data path of one udp network: both programs attached (detached when this is
-/// dropped), the device they sit on, and one route + neighbour entry per remote subnet.
+/// The kernel data path of one udp network: the device the programs sit on, and one route +
+/// neighbour entry per remote subnet. The programs are attached as tc filters, which belong
+/// to the interfaces: they keep forwarding while flanneld restarts, and a new flanneld
+/// replaces them atomically.
 pub struct KernelPath {
     nl: crate::netlink::Netlink,
     /// The device's index (the routes' device).
     dev: u32,
-    _links: [std::os::fd::OwnedFd; 2],
     /// What each route leads to.
     routes: std::collections::HashMap<ipnet::Ipv4Net, Ipv4Addr>,
 }
@@ -292,8 +293,8 @@ pub struct KernelPath {
 impl KernelPath {
     /// Creates (or reuses) [`RX_DEVICE`] (with address `own`, the subnet's first, as
     /// flannel0 has: masquerading on the way out takes its source from there), loads both
-    /// programs and attaches them: transmit on the device's egress, receive on interface
-    /// `underlay`'s ingress for datagrams to `src`:`port`. Fails where BPF is unavailable (an
+    /// programs and attaches them (replacing an earlier run's): transmit on the device's
+    /// egress, receive on interface `underlay`'s ingress for datagrams to `src`:`port`. Fails where BPF is unavailable (an
     /// older kernel, no CAP_BPF/CAP_SYS_ADMIN, a sandbox filtering `bpf(2)`) before the device
     /// is touched.
     pub async fn start(
@@ -321,12 +322,15 @@ impl KernelPath {
         nl.add_address(dev, std::net::IpAddr::V4(own), 32, RX_DEVICE)
             .await
             .map_err(|e| e.to_string())?;
-        let tx_link = tx.attach_tcx(dev, true).map_err(|e| e.to_string())?;
-        let rx_link = rx.attach_tcx(underlay, false).map_err(|e| e.to_string())?;
+        nl.attach_tc_bpf(dev, true, tx.raw_fd(), TX_NAME)
+            .await
+            .map_err(|e| e.to_string())?;
+        nl.attach_tc_bpf(underlay, false, rx.raw_fd(), RX_NAME)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(KernelPath {
             nl,
             dev,
-            _links: [tx_link, rx_link],
             routes: Default::default(),
         })
     }
@@ -462,13 +466,22 @@ async fn rx_device(nl: &crate::netlink::Netlink, mtu: u32) -> Result<u32, String
     Ok(dev.index)
 }
 
-/// Removes [`RX_DEVICE`] (and with it every route and neighbour entry of the kernel path):
-/// another backend now runs.
+/// Removes [`RX_DEVICE`] (and with it every route and neighbour entry of the kernel path and
+/// the transmit program) and the receive program: the kernel path is no longer wanted.
 pub async fn remove_device(nl: &crate::netlink::Netlink) {
-    if let Ok(Some(d)) = nl.link_details(RX_DEVICE).await {
-        tracing::info!("udp: removing {RX_DEVICE} left by an earlier udp run");
-        if let Err(e) = nl.delete_link(d.index, RX_DEVICE).await {
-            tracing::warn!("udp: {e}");
+    let Ok(Some(d)) = nl.link_details(RX_DEVICE).await else {
+        return;
+    };
+    // The receive program sits on the underlay interface, whichever it was.
+    if let Ok(links) = nl.links().await {
+        for l in links.iter().filter(|l| l.index != d.index) {
+            if let Err(e) = nl.detach_tc_bpf(l.index, false).await {
+                tracing::debug!("udp: {e}");
+            }
         }
+    }
+    tracing::info!("udp: removing {RX_DEVICE} left by an earlier udp run");
+    if let Err(e) = nl.delete_link(d.index, RX_DEVICE).await {
+        tracing::warn!("udp: {e}");
     }
 }

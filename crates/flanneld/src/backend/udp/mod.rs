@@ -80,14 +80,14 @@ struct UdpNetwork {
     kernel: Option<kernel::KernelPath>,
 }
 
-/// Which data path `FLANNEL_UDP_DATAPATH` asks for: `kernel` (the BPF path, required),
-/// `kernel-auto` (the BPF path where the kernel allows it, else the TUN engine), or a TUN
-/// engine mode (the default; see the README for why the BPF path is not the default yet).
+/// Which data path `FLANNEL_UDP_DATAPATH` asks for: unset or `auto` (the BPF path where the
+/// kernel allows it, else the TUN engine), `kernel` (the BPF path, required), or a TUN engine
+/// mode (`offload`, `batch`, `simple`).
 fn kernel_path_wanted() -> (bool, bool) {
     match std::env::var("FLANNEL_UDP_DATAPATH").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => (true, false),
         Ok("kernel") => (true, true),
-        Ok("kernel-auto") => (true, false),
-        _ => (false, false),
+        Ok(_) => (false, false),
     }
 }
 
@@ -192,7 +192,11 @@ impl Backend for UdpBackend {
         );
         let (want_kernel, required) = kernel_path_wanted();
         let kernel = match (want_kernel, ctx.ext.iface_addr) {
-            (false, _) => None,
+            (false, _) => {
+                // An earlier run's kernel path would keep handling our traffic.
+                kernel::remove_device(&nl).await;
+                None
+            }
             (true, None) => {
                 let e = format!("{} has no IPv4 address", ctx.ext.name);
                 if required {
