@@ -357,6 +357,24 @@ fn kernel_path_speaks_the_same_wire_format_and_receives_go_style_datagrams() {
         neigh.contains(&format!("{gw} lladdr 02:66:c0:a8:64:0c PERMANENT")),
         "{neigh}"
     );
+    // flanneld doctor checks the kernel path too: it agrees, then names a missing neighbour
+    // entry with the command that restores it.
+    let (code, text) = c.doctor(0, &["--ip-masq"]);
+    assert_eq!(code, 0, "{text}");
+    let gw_s = gw.to_string();
+    h1.ip(&["neigh", "del", &gw_s, "dev", "flannel-udprx"]);
+    let (code, text) = c.doctor(0, &["--ip-masq"]);
+    assert_eq!(code, 1, "{text}");
+    let fix =
+        format!("ip neigh replace {gw} lladdr 02:66:c0:a8:64:0c dev flannel-udprx nud permanent");
+    assert!(
+        text.contains("neighbour-missing") && text.contains(&fix),
+        "{text}"
+    );
+    let args: Vec<&str> = fix.split(' ').skip(1).collect();
+    h1.ip(&args);
+    let (code, text) = c.doctor(0, &["--ip-masq"]);
+    assert_eq!(code, 0, "{text}");
     // On the wire: exactly what the TUN engine and Go send (UDP 7890 -> 7890, the bare IPv4
     // packet as payload); TTL 64 from the pod, -1 by the host's forwarding (the kernel path
     // routes like a router; Go's proxy takes one more).

@@ -586,6 +586,9 @@ pub fn diagnose(inp: &Inputs<'_>) -> Diagnosis {
     if backend == "wireguard" {
         super::wg::check(&inp.kernel.wireguard, own, &remotes, &mut out);
     }
+    if backend == "udp" {
+        super::udp::check(inp.kernel, &remotes, &mut out);
+    }
     match &inp.rules {
         RulesState::NotWanted | RulesState::Current => {}
         RulesState::Missing(fw) => out.push(finding(

@@ -6,6 +6,7 @@
 //! write, no firewall change. Exit status: 0 all agree, 1 something drifts, 2 it could not look.
 
 pub mod checks;
+pub mod udp;
 pub mod wg;
 
 use std::sync::Arc;
