@@ -157,6 +157,43 @@ impl Asm {
         self.insns.push(insn(ALU64 | 0xa0 | K, dst, 0, 0, imm));
         self
     }
+    /// Copies `len` packet bytes from `offset` to the stack at `fp + at`
+    /// (`bpf_skb_load_bytes`, the context in `ctx`); jumps to `fail` if the packet is shorter.
+    pub fn skb_load_bytes(
+        &mut self,
+        ctx: Reg,
+        offset: i32,
+        at: i32,
+        len: i32,
+        fail: &'static str,
+    ) -> &mut Self {
+        self.mov(1, ctx)
+            .mov_imm(2, offset)
+            .mov(3, FP)
+            .add_imm(3, at)
+            .mov_imm(4, len)
+            .call(helper::SKB_LOAD_BYTES)
+            .jump_if(Cond::Ne, 0, 0, fail)
+    }
+    /// Writes `len` bytes from the stack at `fp + at` into the packet at `offset`
+    /// (`bpf_skb_store_bytes`); jumps to `fail` on error.
+    pub fn skb_store_bytes(
+        &mut self,
+        ctx: Reg,
+        offset: i32,
+        at: i32,
+        len: i32,
+        fail: &'static str,
+    ) -> &mut Self {
+        self.mov(1, ctx)
+            .mov_imm(2, offset)
+            .mov(3, FP)
+            .add_imm(3, at)
+            .mov_imm(4, len)
+            .mov_imm(5, 0)
+            .call(helper::SKB_STORE_BYTES)
+            .jump_if(Cond::Ne, 0, 0, fail)
+    }
     /// Calls helper number `id`.
     pub fn call(&mut self, id: i32) -> &mut Self {
         self.insns.push(insn(JMP | 0x80, 0, 0, 0, id));
