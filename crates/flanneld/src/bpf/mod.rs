@@ -167,11 +167,7 @@ impl Asm {
         len: i32,
         fail: &'static str,
     ) -> &mut Self {
-        self.mov(1, ctx)
-            .mov_imm(2, offset)
-            .mov(3, FP)
-            .add_imm(3, at)
-            .mov_imm(4, len)
+        self.skb_bytes_args(ctx, offset, at, len)
             .call(helper::SKB_LOAD_BYTES)
             .jump_if(Cond::Ne, 0, 0, fail)
     }
@@ -185,14 +181,18 @@ impl Asm {
         len: i32,
         fail: &'static str,
     ) -> &mut Self {
+        self.skb_bytes_args(ctx, offset, at, len)
+            .mov_imm(5, 0)
+            .call(helper::SKB_STORE_BYTES)
+            .jump_if(Cond::Ne, 0, 0, fail)
+    }
+    /// r1..r4 = ctx, offset, fp + at, len: the arguments both byte helpers start with.
+    fn skb_bytes_args(&mut self, ctx: Reg, offset: i32, at: i32, len: i32) -> &mut Self {
         self.mov(1, ctx)
             .mov_imm(2, offset)
             .mov(3, FP)
             .add_imm(3, at)
             .mov_imm(4, len)
-            .mov_imm(5, 0)
-            .call(helper::SKB_STORE_BYTES)
-            .jump_if(Cond::Ne, 0, 0, fail)
     }
     /// Calls helper number `id`.
     pub fn call(&mut self, id: i32) -> &mut Self {

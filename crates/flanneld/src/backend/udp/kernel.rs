@@ -43,6 +43,18 @@ pub fn peer_mac(peer: Ipv4Addr) -> [u8; 6] {
     [PEER_MAC_MARK[0], PEER_MAC_MARK[1], o[0], o[1], o[2], o[3]]
 }
 
+/// Ends a tc program with its two exits: `pass` (hand the packet on unchanged) and `shot`
+/// (drop it: it was modified half-way).
+fn finish_tc(mut a: Asm) -> Vec<Insn> {
+    a.label("pass")
+        .mov_imm(0, TC_PASS)
+        .exit()
+        .label("shot")
+        .mov_imm(0, TC_SHOT)
+        .exit();
+    a.finish()
+}
+
 /// Network-order bytes as the immediate a 32-bit store writes to memory.
 fn be32_imm(ip: Ipv4Addr) -> i32 {
     i32::from_le_bytes(ip.octets())
@@ -124,14 +136,8 @@ pub fn tx_program(src: Ipv4Addr, port: u16, underlay: u32) -> Vec<Insn> {
         .mov_imm(3, 0)
         .mov_imm(4, 0)
         .call(helper::REDIRECT_NEIGH)
-        .exit()
-        .label("pass")
-        .mov_imm(0, TC_PASS)
-        .exit()
-        .label("shot")
-        .mov_imm(0, TC_SHOT)
         .exit();
-    a.finish()
+    finish_tc(a)
 }
 
 /// The receive program. A datagram for `local`:`port` (Ethernet + IPv4 without options, not
@@ -222,14 +228,8 @@ pub fn rx_program(local: Ipv4Addr, port: u16, rx_port: u16, rx_mac: [u8; 6]) -> 
         .mov(3, 7)
         .mov_imm(5, 2)
         .call(helper::L3_CSUM_REPLACE)
-        .jump_if(Cond::Ne, 0, 0, "shot")
-        .label("pass")
-        .mov_imm(0, TC_PASS)
-        .exit()
-        .label("shot")
-        .mov_imm(0, TC_SHOT)
-        .exit();
-    a.finish()
+        .jump_if(Cond::Ne, 0, 0, "shot");
+    finish_tc(a)
 }
 
 /// The kernel VXLAN device that finishes the receive path (see [`rx_program`]).
