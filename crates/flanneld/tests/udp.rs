@@ -111,28 +111,41 @@ fn wire_format_is_the_raw_ipv4_packet_in_udp() {
     let a = c.add_pod(0);
     let b = c.add_pod(1);
     c.wait_full_mesh(T);
+    // TTL 64 from the pod, -1 by the host's forwarding, -1 by our sender (as Go's proxy).
+    assert_wire_format(&c, a, b, 62);
+}
+
+/// Pings pod `b` from pod `a` and checks the datagram host 2 receives: UDP 7890 -> 7890
+/// between the hosts' addresses, its length, and the bare IPv4 packet as payload with
+/// `inner_ttl`.
+fn assert_wire_format(c: &Cluster, a: usize, b: usize, inner_ttl: u8) {
     let (pa, pb) = (c.pods[a].ip, c.pods[b].ip);
-    let h2 = c.hosts[1].ns.clone();
-    let frame = capture(&h2, "eth0", "udp dst port 7890", || {
+    let frame = capture(&c.hosts[1].ns, "eth0", "udp dst port 7890", || {
         c.ping(a, pb);
     });
     // tcpdump -x starts at the IP header: IPv4 (20) + UDP (8) + inner IPv4.
     assert!(frame.len() > 28 + 20, "{frame:?}");
     assert_eq!(frame[9], 17, "outer packet is UDP");
+    assert_eq!(&frame[12..16], &c.hosts[0].ip.octets());
+    assert_eq!(&frame[16..20], &c.hosts[1].ip.octets());
     let udp = &frame[20..];
-    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 7890);
     assert_eq!(
         u16::from_be_bytes([udp[0], udp[1]]),
         7890,
         "sent from the udp port"
+    );
+    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 7890);
+    assert_eq!(
+        u16::from_be_bytes([udp[4], udp[5]]) as usize,
+        udp.len(),
+        "UDP length"
     );
     let inner = &udp[8..];
     assert_eq!(inner[0], 0x45, "payload is a bare IPv4 header");
     assert_eq!(inner[9], 1, "ICMP");
     assert_eq!(&inner[12..16], &pa.octets());
     assert_eq!(&inner[16..20], &pb.octets());
-    // 64 from the pod, -1 by the host's forwarding, -1 by our sender.
-    assert_eq!(inner[8], 62);
+    assert_eq!(inner[8], inner_ttl);
 }
 
 fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
@@ -378,28 +391,8 @@ fn kernel_path_speaks_the_same_wire_format_and_receives_go_style_datagrams() {
     // On the wire: exactly what the TUN engine and Go send (UDP 7890 -> 7890, the bare IPv4
     // packet as payload); TTL 64 from the pod, -1 by the host's forwarding (the kernel path
     // routes like a router; Go's proxy takes one more).
+    assert_wire_format(&c, a, b, 63);
     let (pa, pb) = (c.pods[a].ip, c.pods[b].ip);
-    let frame = capture(&h2, "eth0", "udp dst port 7890", || {
-        c.ping(a, pb);
-    });
-    assert!(frame.len() > 28 + 20, "{frame:?}");
-    assert_eq!(frame[9], 17, "outer packet is UDP");
-    assert_eq!(&frame[12..16], &c.hosts[0].ip.octets());
-    assert_eq!(&frame[16..20], &c.hosts[1].ip.octets());
-    let udp = &frame[20..];
-    assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 7890);
-    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 7890);
-    assert_eq!(
-        u16::from_be_bytes([udp[4], udp[5]]) as usize,
-        udp.len(),
-        "UDP length"
-    );
-    let inner = &udp[8..];
-    assert_eq!(inner[0], 0x45, "payload is a bare IPv4 header");
-    assert_eq!(inner[9], 1, "ICMP");
-    assert_eq!(&inner[12..16], &pa.octets());
-    assert_eq!(&inner[16..20], &pb.octets());
-    assert_eq!(inner[8], 63);
     // A datagram as Go flannel sends it (from a UDP socket, with a UDP checksum) is
     // decapsulated in the kernel and reaches the pod, TTL decremented by the forwarding.
     let src = Ipv4Addr::from(u32::from(c.subnet(1).network()) + 77);
