@@ -10,7 +10,7 @@ use netlink_packet_route::tc::{
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
-use super::{ignore_not_found, is_exists, wrap, Netlink, NetlinkError};
+use super::{errno, ignore_not_found, is_exists, wrap, Netlink, NetlinkError};
 
 /// The filter priority and handle flannel uses (one filter per hook).
 const PRIORITY: u16 = 0xf1a;
@@ -111,13 +111,8 @@ impl Netlink {
                 "failed to remove flannel's BPF filter from interface #{index}"
             )));
         match r {
-            // EINVAL/ENOENT: no clsact qdisc or no such filter.
-            Err(e)
-                if e.to_string().contains("No such file")
-                    || e.to_string().contains("Invalid argument") =>
-            {
-                Ok(())
-            }
+            // EINVAL: no clsact qdisc there at all.
+            Err(e) if errno(&e) == Some(libc::EINVAL) => Ok(()),
             other => ignore_not_found(other),
         }
     }

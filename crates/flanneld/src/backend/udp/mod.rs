@@ -230,6 +230,8 @@ impl Backend for UdpBackend {
                         tracing::info!(
                             "udp: no kernel data path ({e}); the TUN engine carries all"
                         );
+                        // Whatever part of it was set up before the failure.
+                        kernel::remove_device(&nl).await;
                         None
                     }
                 }
