@@ -260,13 +260,11 @@ fn put_u64(a: &mut [u8], off: usize, v: u64) {
     a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
-/// A loaded program; the kernel keeps it while this fd or an attachment (a route, a link)
-/// holds it.
+/// A loaded program; the kernel keeps it while this fd or an attachment (a tc filter) holds
+/// it.
 #[derive(Debug)]
 pub struct Program {
     fd: OwnedFd,
-    /// The name given at load (shown by `ip route` for LWT programs).
-    pub name: String,
 }
 
 impl Program {
@@ -288,7 +286,6 @@ impl Program {
             // SAFETY: the kernel returned a new file descriptor that we now own.
             Ok(fd) => Ok(Program {
                 fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
-                name: name[..n].to_string(),
             }),
             Err(source) => {
                 let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());

@@ -77,12 +77,11 @@ pub fn check(devs: &WgDevices, own: Option<&Lease>, remotes: &[&Lease], out: &mu
             }
         };
         announced.insert(data.public_key);
-        let v6_port = parse_lease_data(l.attrs.backend_v6_data.as_ref())
-            .ok()
-            .map(|d| d.port);
-        if let Ok(d6) = parse_lease_data(l.attrs.backend_v6_data.as_ref()) {
+        let v6 = parse_lease_data(l.attrs.backend_v6_data.as_ref()).ok();
+        if let Some(d6) = &v6 {
             announced.insert(d6.public_key);
         }
+        let v6_port = v6.map(|d| d.port);
         let key = encode_key(&data.public_key);
         let subnet = IpNet::V4(l.key.ipv4);
         let public = l.attrs.public_ip;

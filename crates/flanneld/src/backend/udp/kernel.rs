@@ -33,7 +33,7 @@ const TC_PASS: i32 = 0;
 /// `TC_ACT_SHOT`.
 const TC_SHOT: i32 = 2;
 /// Outer IPv4 + UDP header bytes.
-pub const ENCAP_LEN: i32 = 28;
+const ENCAP_LEN: i32 = 28;
 /// The first two bytes of a peer neighbour's MAC; the other four are the peer's address.
 pub const PEER_MAC_MARK: [u8; 2] = [0x02, 0x66];
 
